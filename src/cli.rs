@@ -1,0 +1,434 @@
+//! The command line: the original tool's keyword grammar and dashed long
+//! options, both turned into one [`Config`].
+//!
+//! The legacy words (`rx 8834 threads 4`) are rewritten into their dashed
+//! twins (`--rx 8834 --threads 4`) before clap sees them, so both spellings
+//! share one definition, one validation and one `--help`.
+
+use crate::config::{self, Config, Destination, Mode};
+use crate::error::Error;
+use crate::protocol::{MAX_FOOT, MAX_WINDOW};
+use clap::Parser;
+use std::ffi::OsString;
+use std::time::Duration;
+
+/// The one-line hint printed after a usage error.
+pub const USAGE_HINT: &str =
+    "usage: viamillipede rx [ADDR:]PORT | tx HOST PORT [tx HOST PORT ...] [threads N] [verbose N] (see --help)";
+
+const ABOUT: &str = "A fast, resilient pipe over many TCP connections.";
+
+const LONG_ABOUT: &str = "\
+A fast, resilient, network-transparent pipe over many TCP connections.
+
+tx reads stdin, cuts it into numbered feet (2 MiB by default) and sends them
+over many TCP connections to one or more ranked destinations; rx accepts the
+connections, puts the feet back in order and writes them to stdout. Feet that
+a dropped connection did not get acknowledged are sent again on another one.
+Both sides exit 0 only when every byte has been written by the receiver.
+
+The original keyword grammar works verbatim, words in any order:
+  rx PORT, tx HOST PORT (repeatable), threads N, verbose N, checkphrase XXXX.
+Each keyword also has a dashed long form: --rx, --tx HOST:PORT, --threads, ...
+
+Memory: tx holds at most (window + 1) feet; rx holds at most
+(window + connections) feet: 130 MiB and 160 MiB with the defaults.
+
+Send SIGUSR1 (or SIGINFO, where the system has it) to either side for a
+report of every connection on stderr.";
+
+const EXAMPLES: &str = "\
+Examples:
+  Receive on port 8834 into zfs, send a snapshot with 16 connections:
+    viamillipede rx 8834 | zfs recv tank/fs
+    zfs send pool/fs@snap | viamillipede tx backup.example.net 8834 threads 16
+
+  Prefer a 10G link, spill over to a 1G link when it is saturated:
+    tar cf - dir | viamillipede tx 10.0.10.2 8834 tx 192.168.1.2 8834
+
+  The same with dashed options, on any free port printed by rx:
+    viamillipede --rx 0 > out
+    viamillipede --tx host:PORT --threads 4 --checkphrase abcd < in
+
+Exit status: 0 when every byte was written by the receiver, 1 when the
+transfer failed, 2 for a bad command line.";
+
+/// Words of the original tool that this version does not implement yet.
+const NOT_YET: &[&str] = &[
+    "prbs",
+    "leglimit",
+    "delayus",
+    "chaos",
+    "checksums",
+    "charmode",
+    "terminate",
+    "initiate",
+];
+
+/// The dashed command-line definition.
+#[derive(Parser, Debug)]
+#[command(name = "viamillipede", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Receive: listen on [ADDR:]PORT (all addresses, IPv6 and IPv4, when ADDR
+    /// is left out; port 0 picks a free port and prints it) and write the
+    /// stream to stdout. Legacy form: `rx PORT`.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    pub rx: Option<String>,
+
+    /// Transmit stdin to HOST:PORT ([V6ADDR]:PORT for IPv6). Repeat for ranked
+    /// destinations: the first is filled, the next is used only when the ones
+    /// before it are saturated. Legacy form: `tx HOST PORT`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub tx: Vec<String>,
+
+    /// Connections (worker threads) per destination, 1 to 64.
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_THREADS,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+
+    /// Log verbosity 0 to 20: 0 warnings and errors, 1 connections and a
+    /// summary at exit, 2 debug, 3 and up trace. RUST_LOG overrides it.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=20))]
+    pub verbose: u8,
+
+    /// A 4-byte phrase both sides must give alike; a sender with another
+    /// phrase is refused.
+    #[arg(long, value_name = "XXXX", value_parser = parse_checkphrase)]
+    pub checkphrase: Option<[u8; 4]>,
+
+    /// Foot size in bytes (suffixes K, M), 1K to 64M; set on tx.
+    #[arg(long, value_name = "BYTES", default_value = "2M", value_parser = parse_foot_size)]
+    pub foot_size: u32,
+
+    /// Feet tx may run ahead of what rx has written; bounds both sides'
+    /// memory (see above).
+    #[arg(long, value_name = "FEET", default_value_t = config::DEFAULT_WINDOW,
+          value_parser = clap::value_parser!(u32).range(2..=i64::from(MAX_WINDOW)))]
+    pub window: u32,
+
+    /// Feet one connection may have unacknowledged before it is given
+    /// another: a faster connection is acknowledged sooner and carries more.
+    #[arg(long, value_name = "FEET", default_value_t = config::DEFAULT_INFLIGHT,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub inflight: u32,
+
+    /// Seconds to keep trying when no connection to the peer can be
+    /// (re)established, then give up with exit status 1. rx waits without
+    /// limit for the first sender, and applies this once a stream started.
+    #[arg(long, value_name = "SECS", default_value_t = config::DEFAULT_RECONNECT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86_400 * 365))]
+    pub reconnect_timeout: u64,
+
+    /// Seconds a new connection has to complete its handshake (rx).
+    #[arg(long, value_name = "SECS", default_value_t = config::HANDSHAKE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout: u64,
+}
+
+fn parse_checkphrase(s: &str) -> Result<[u8; 4], String> {
+    s.as_bytes()
+        .try_into()
+        .map_err(|_| format!("checkphrase must be exactly 4 bytes, '{s}' has {}", s.len()))
+}
+
+/// Parses a byte count with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 10),
+        Some((i, 'm' | 'M')) => (&t[..i], 20),
+        Some((i, 'g' | 'G')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (a number with an optional K, M or G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_foot_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    if !(1024..=u64::from(MAX_FOOT)).contains(&n) {
+        return Err(format!("foot size must be between 1K and 64M, not {s}"));
+    }
+    Ok(n as u32)
+}
+
+/// How many values each legacy keyword takes.
+fn legacy_arity(word: &str) -> Option<usize> {
+    Some(match word {
+        "rx" | "threads" | "verbose" | "checkphrase" => 1,
+        "tx" => 2,
+        _ => return None,
+    })
+}
+
+/// Rewrites legacy keywords into dashed options, leaving everything else as
+/// it is; rejects the keywords this version does not implement yet.
+pub fn normalize(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsString>, Error> {
+    let mut args = args.into_iter();
+    let mut out: Vec<OsString> = args.next().into_iter().collect();
+    let words: Vec<OsString> = args.collect();
+    let mut i = 0;
+    while i < words.len() {
+        let word = words[i].to_string_lossy();
+        let bare = word.trim_start_matches('-');
+        if NOT_YET.contains(&bare) && (bare == word || word.starts_with("--")) {
+            return Err(Error::Usage(format!(
+                "'{bare}' is not supported by this version of viamillipede yet"
+            )));
+        }
+        let Some(arity) = legacy_arity(&word) else {
+            out.push(words[i].clone());
+            i += 1;
+            continue;
+        };
+        let values = &words[i + 1..];
+        if values.len() < arity {
+            let need = if word == "tx" { "HOST PORT" } else { "a value" };
+            return Err(Error::Usage(format!("'{word}' needs {need}")));
+        }
+        out.push(format!("--{word}").into());
+        if word == "tx" {
+            let host = values[0].to_string_lossy();
+            let port = values[1].to_string_lossy();
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host.into()
+            };
+            out.push(format!("{host}:{port}").into());
+        } else {
+            out.push(values[0].clone());
+        }
+        i += 1 + arity;
+    }
+    Ok(out)
+}
+
+fn parse_port(s: &str, what: &str) -> Result<u16, Error> {
+    s.parse().map_err(|_| {
+        Error::Usage(format!(
+            "invalid port '{s}' in {what} (expected 0 to 65535)"
+        ))
+    })
+}
+
+/// Splits `HOST:PORT` or `[V6]:PORT`.
+fn split_host_port(s: &str, what: &str) -> Result<(String, u16), Error> {
+    let bad = || Error::Usage(format!("'{s}' in {what} is not HOST:PORT"));
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:").ok_or_else(bad)?;
+        (host, port)
+    } else {
+        s.rsplit_once(':').ok_or_else(bad)?
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), parse_port(port, what)?))
+}
+
+impl Cli {
+    /// Validates the combination of options into a [`Config`].
+    pub fn into_config(self) -> Result<Config, Error> {
+        let mode = match (self.rx, self.tx.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::Usage(
+                    "rx and tx in one process (duplex) is not supported by this version yet".into(),
+                ))
+            }
+            (None, true) => {
+                return Err(Error::Usage(
+                    "nothing to do: give 'rx PORT' to receive or 'tx HOST PORT' to send".into(),
+                ))
+            }
+            (Some(rx), true) => {
+                if rx.bytes().all(|b| b.is_ascii_digit()) {
+                    Mode::Rx {
+                        addr: None,
+                        port: parse_port(&rx, "rx")?,
+                    }
+                } else {
+                    let (addr, port) = split_host_port(&rx, "rx")?;
+                    Mode::Rx {
+                        addr: Some(addr),
+                        port,
+                    }
+                }
+            }
+            (None, false) => {
+                let destinations = self
+                    .tx
+                    .iter()
+                    .map(|t| {
+                        let (host, port) = split_host_port(t, "tx")?;
+                        if port == 0 {
+                            return Err(Error::Usage(format!(
+                                "port 0 in tx '{t}': give the port rx listens on"
+                            )));
+                        }
+                        Ok(Destination { host, port })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Mode::Tx { destinations }
+            }
+        };
+        Ok(Config {
+            mode,
+            threads: self.threads,
+            verbose: self.verbose,
+            checkphrase: self.checkphrase.unwrap_or(*b"\0\0\0\0"),
+            foot_size: self.foot_size,
+            window: self.window,
+            inflight: self.inflight,
+            reconnect_timeout: Duration::from_secs(self.reconnect_timeout),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+        })
+    }
+}
+
+/// What parsing a command line led to.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Run with this configuration.
+    Run(Config),
+    /// Print this (help or version) to stdout and exit 0.
+    Print(String),
+}
+
+/// Parses a whole command line (program name first).
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> {
+    let args = normalize(args)?;
+    match Cli::try_parse_from(args) {
+        Ok(cli) => cli.into_config().map(Parsed::Run),
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                Ok(Parsed::Print(e.render().to_string()))
+            }
+            _ => {
+                let text = e.render().to_string();
+                let first = text.lines().next().unwrap_or("invalid command line");
+                Err(Error::Usage(
+                    first.trim_start_matches("error: ").to_string(),
+                ))
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn config(line: &str) -> Result<Config, Error> {
+        let args = std::iter::once("viamillipede")
+            .chain(line.split_whitespace())
+            .map(OsString::from);
+        match parse(args)? {
+            Parsed::Run(c) => Ok(c),
+            Parsed::Print(p) => panic!("unexpected print: {p}"),
+        }
+    }
+
+    fn usage(line: &str) -> String {
+        match config(line) {
+            Err(Error::Usage(m)) => m,
+            other => panic!("expected a usage error for {line:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn legacy_and_dashed_forms_are_the_same() {
+        let legacy =
+            config("tx hostA 8834 threads 4 tx ::1 9000 verbose 2 checkphrase abcd").unwrap();
+        let dashed =
+            config("--tx hostA:8834 --threads 4 --tx [::1]:9000 --verbose 2 --checkphrase abcd")
+                .unwrap();
+        assert_eq!(legacy, dashed);
+        let Mode::Tx { destinations } = &legacy.mode else {
+            panic!()
+        };
+        assert_eq!(
+            destinations[1],
+            Destination {
+                host: "::1".into(),
+                port: 9000
+            }
+        );
+        assert_eq!(destinations[1].to_string(), "[::1]:9000");
+        assert_eq!(config("rx 8834").unwrap(), config("--rx 8834").unwrap());
+        assert_eq!(config("threads 2 rx 1").unwrap().threads, 2);
+    }
+
+    #[test]
+    fn rx_takes_an_optional_address() {
+        assert_eq!(
+            config("rx 0").unwrap().mode,
+            Mode::Rx {
+                addr: None,
+                port: 0
+            }
+        );
+        assert_eq!(
+            config("rx 127.0.0.1:5").unwrap().mode,
+            Mode::Rx {
+                addr: Some("127.0.0.1".into()),
+                port: 5
+            }
+        );
+        assert_eq!(
+            config("rx [::1]:5").unwrap().mode,
+            Mode::Rx {
+                addr: Some("::1".into()),
+                port: 5
+            }
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config("rx 1").unwrap();
+        assert_eq!(
+            (c.threads, c.verbose, c.foot_size, c.window),
+            (16, 0, 2 << 20, 64)
+        );
+        assert_eq!(c.reconnect_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_command_lines_name_the_word() {
+        assert!(usage("rx 1 frobnicate").contains("frobnicate"));
+        assert!(usage("rx 1 threads 0").contains("threads"));
+        assert!(usage("rx 1 threads 65").contains("65"));
+        assert!(usage("rx 1 threads").contains("threads"));
+        assert!(usage("tx host").contains("tx"));
+        assert!(usage("tx host port").contains("port"));
+        assert!(usage("rx 1 checkphrase abc").contains("checkphrase"));
+        assert!(usage("rx 1 verbose 21").contains("21"));
+        assert!(usage("rx 1 chaos 5").contains("chaos"));
+        assert!(usage("rx 1 --charmode").contains("charmode"));
+        assert!(usage("").contains("nothing to do"));
+        assert!(usage("rx 1 tx a 2").contains("duplex"));
+        assert!(usage("rx 70000").contains("70000"));
+        assert!(usage("rx 1 --foot-size 12").contains("foot size"));
+        assert!(usage("tx host 0").contains("port 0"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2M"), Ok(2 << 20));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("7"), Ok(7));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+}

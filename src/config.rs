@@ -1,0 +1,88 @@
+//! The parsed, validated options of one run: what `cli` produces and the
+//! wings consume.
+
+use std::time::Duration;
+
+/// Default foot size: 2 MiB.
+pub const DEFAULT_FOOT: u32 = 2 << 20;
+/// Default number of connections per destination.
+pub const DEFAULT_THREADS: u16 = 16;
+/// Default flow-control window in feet.
+pub const DEFAULT_WINDOW: u32 = 64;
+/// Default time to keep trying to (re)connect before giving up.
+pub const DEFAULT_RECONNECT: Duration = Duration::from_secs(300);
+/// Time a new connection has to complete its handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Feet a connection may have unacknowledged before it gets another one.
+pub const DEFAULT_INFLIGHT: u32 = 2;
+
+/// One `tx HOST PORT` destination; rank is its position in the list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// Host name or address literal (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Which way the data flows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Listen on an address and write the stream to stdout.
+    Rx {
+        /// Address to bind; `None` means every address (IPv6 and IPv4).
+        addr: Option<String>,
+        /// Port to bind; 0 picks a free one.
+        port: u16,
+    },
+    /// Read stdin and send it to ranked destinations.
+    Tx {
+        /// Destinations, most preferred first.
+        destinations: Vec<Destination>,
+    },
+}
+
+/// Everything one run needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Receive or transmit.
+    pub mode: Mode,
+    /// Connections per destination.
+    pub threads: u16,
+    /// Log verbosity, 0..=20.
+    pub verbose: u8,
+    /// The 4-byte phrase both sides must share.
+    pub checkphrase: [u8; 4],
+    /// Largest foot in bytes.
+    pub foot_size: u32,
+    /// Feet tx may run ahead of the receiver's written position.
+    pub window: u32,
+    /// Feet one connection may have unacknowledged.
+    pub inflight: u32,
+    /// How long to keep trying when no connection to the peer exists.
+    pub reconnect_timeout: Duration,
+    /// How long a new connection has to complete its handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Config {
+    /// The log level `verbose N` maps onto.
+    pub fn log_level(&self) -> log::LevelFilter {
+        match self.verbose {
+            0 => log::LevelFilter::Warn,
+            1 => log::LevelFilter::Info,
+            2 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        }
+    }
+}

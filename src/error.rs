@@ -1,0 +1,75 @@
+//! The program's error type and exit codes.
+
+use std::fmt;
+use std::io;
+
+/// What a run of viamillipede ends with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitCode {
+    /// Every byte was written by the receiver.
+    Success = 0,
+    /// The transfer failed (I/O, network, the peer).
+    Failure = 1,
+    /// The command line was wrong.
+    Usage = 2,
+}
+
+/// Everything that can end a transfer early, with the context a user needs.
+#[derive(Debug)]
+pub enum Error {
+    /// The command line is wrong.
+    Usage(String),
+    /// An operation on a file, pipe or socket failed.
+    Io {
+        /// What was being done ("read stdin", "listen on [::]:8834").
+        context: String,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// The peer refused or aborted the stream; the message is the peer's.
+    Peer(String),
+    /// No connection could be (re)established in time.
+    GaveUp(String),
+    /// A thread of this program panicked.
+    Internal(String),
+}
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The exit code this error maps to.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Usage(_) => ExitCode::Usage,
+            _ => ExitCode::Failure,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Usage(m) | Error::GaveUp(m) | Error::Internal(m) => f.write_str(m),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Peer(m) => write!(f, "receiver: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The result of a run.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

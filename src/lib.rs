@@ -1,0 +1,42 @@
+//! viamillipede: a fast, resilient, network-transparent pipe over many TCP
+//! connections.
+//!
+//! `tx` cuts stdin into numbered feet and sends them over many connections
+//! to ranked destinations; `rx` puts them back in order on stdout. Feet stay
+//! with the sender until the receiver acknowledges them, so a dropped
+//! connection costs a resend, never data.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod net;
+pub mod protocol;
+pub mod reorder;
+pub mod rx;
+pub mod signals;
+pub mod stats;
+pub mod tx;
+pub mod wire;
+
+use config::{Config, Mode};
+use std::time::Duration;
+
+/// What a successful run did.
+#[derive(Debug)]
+pub struct Summary {
+    /// Payload bytes written by the receiver.
+    pub bytes: u64,
+    /// Time taken.
+    pub elapsed: Duration,
+}
+
+/// Runs the wing the configuration asks for.
+pub fn run(config: &Config) -> error::Result<Summary> {
+    match &config.mode {
+        Mode::Rx { addr, port } => rx::run(config, addr.as_deref(), *port),
+        Mode::Tx { destinations } => tx::run(config, destinations),
+    }
+}

@@ -1,0 +1,59 @@
+//! The `viamillipede` command: parse, set up logging, run, map the outcome
+//! to an exit code.
+
+use std::io::Write;
+use std::process::ExitCode;
+use viamillipede::cli::{self, Parsed, USAGE_HINT};
+use viamillipede::error::Error;
+use viamillipede::stats::{human_bytes, rate};
+
+fn main() -> ExitCode {
+    let config = match cli::parse(std::env::args_os()) {
+        Ok(Parsed::Run(c)) => c,
+        Ok(Parsed::Print(text)) => {
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&e),
+    };
+    init_logging(config.log_level());
+    match viamillipede::run(&config) {
+        Ok(summary) => {
+            log::info!(
+                "done: {} in {:.2} s ({})",
+                human_bytes(summary.bytes),
+                summary.elapsed.as_secs_f64(),
+                rate(summary.bytes, summary.elapsed)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &Error) -> ExitCode {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "viamillipede: {e}");
+    if let Error::Usage(_) = e {
+        let _ = writeln!(err, "{USAGE_HINT}");
+    }
+    ExitCode::from(e.exit_code() as u8)
+}
+
+/// `verbose N` sets the level unless RUST_LOG says otherwise.
+fn init_logging(level: log::LevelFilter) {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    builder.format(|buf, record| {
+        writeln!(
+            buf,
+            "viamillipede: {}: {}",
+            record.level().as_str().to_lowercase(),
+            record.args()
+        )
+    });
+    builder.init();
+}

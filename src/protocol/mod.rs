@@ -1,0 +1,42 @@
+//! The wire protocol: byte layouts and their codecs, with no I/O inside.
+//!
+//! Everything here encodes into caller-provided buffers and decodes from byte
+//! slices, checking every length before it is used, so the codecs can be
+//! tested in memory and fuzzed. Blocking socket I/O lives in [`crate::wire`].
+//! All integers are big-endian; sizes are fixed on every architecture.
+
+pub mod frame;
+pub mod handshake;
+
+pub use frame::{FrameError, Header, Kind, FLAG_END, HEADER_LEN};
+pub use handshake::{HandshakeError, Hello, Reason, Reply, Status, MAGIC, VERSION};
+
+/// The largest foot a peer may announce (64 MiB); bounds every allocation
+/// made on a length read from the wire.
+pub const MAX_FOOT: u32 = 64 << 20;
+
+/// The largest window (in feet) a peer may announce.
+pub const MAX_WINDOW: u32 = 4096;
+
+/// The largest window in bytes (window x foot size) a receiver accepts; this
+/// is the receiver's memory bound for its reorder buffer.
+pub const MAX_WINDOW_BYTES: u64 = 4 << 30;
+
+/// The longest human-readable message carried in a reply or abort frame.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// The longest extension block in a handshake, reserved for later
+/// authentication data.
+pub const MAX_EXTENSION: usize = 4096;
+
+fn be_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4-byte slice"))
+}
+
+fn be_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8-byte slice"))
+}

@@ -1,0 +1,244 @@
+//! The receiving wing: sockets -> connections -> sequencer -> stdout.
+//!
+//! An acceptor thread takes connections and gives each a thread of its own
+//! for the handshake and its feet; one sequencer thread writes stdout in
+//! order. The main thread waits for the end of the stream, or for the
+//! reconnect timeout once every connection of a started stream is gone.
+
+mod conn;
+mod sequencer;
+mod state;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::signals::Reporter;
+use crate::stats::{human_bytes, LinkState};
+use crate::{net, Summary};
+use crossbeam_channel::{RecvTimeoutError, Sender};
+use state::{Progress, State};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Connections allowed to be in their handshake at once; more are dropped.
+const MAX_HANDSHAKING: usize = 64;
+/// How long to wait, after the stream ended, for senders to close.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// A foot read from a connection, on its way to the sequencer.
+#[derive(Debug)]
+pub struct Arrived {
+    /// Its id.
+    pub id: u64,
+    /// Its payload.
+    pub data: Vec<u8>,
+    /// Whether it ends the stream.
+    pub end: bool,
+}
+
+/// What the main thread hears about.
+#[derive(Debug)]
+pub enum Event {
+    /// A session connection was accepted.
+    Opened,
+    /// A session connection closed; this many remain.
+    Closed(usize),
+    /// The stream ended.
+    Finished(Result<u64>),
+}
+
+/// Listens as `config` says and writes the stream to stdout.
+pub fn run(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
+    let stdout = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("open stdout", e))?;
+    let listener = net::listen(addr, port).map_err(|e| {
+        let shown = match addr {
+            Some(a) if a.contains(':') => format!("[{a}]:{port}"),
+            Some(a) => format!("{a}:{port}"),
+            None => format!("port {port}"),
+        };
+        Error::io(format!("listen on {shown}"), e)
+    })?;
+    receive(config, listener, File::from(stdout), |addr| {
+        let _ = writeln!(std::io::stderr(), "viamillipede: listening on {addr}");
+    })
+}
+
+/// Serves `listener`, writing the stream to `out`; `on_ready` is told the
+/// bound address once connections are being accepted.
+pub fn receive(
+    config: &Config,
+    listener: TcpListener,
+    out: impl Write + Send + 'static,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<Summary> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("read the listening address", e))?;
+    let state = Arc::new(State::new(config.clone()));
+    let _reporter = {
+        let state = Arc::clone(&state);
+        Reporter::spawn(move || report(&state))
+            .map_err(|e| Error::io("install signal handlers", e))?
+    };
+    let (feet_tx, feet_rx) = crossbeam_channel::unbounded();
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    {
+        let (state, events) = (Arc::clone(&state), events_tx.clone());
+        spawn("rx-sequencer", move || {
+            sequencer::run(&state, out, feet_rx, events)
+        })?;
+    }
+    {
+        let state = Arc::clone(&state);
+        spawn("rx-acceptor", move || {
+            accept(&state, &listener, &feet_tx, &events_tx)
+        })?;
+    }
+    on_ready(local);
+
+    let timeout = config.reconnect_timeout;
+    let mut lost_since: Option<Instant> = None;
+    let outcome = loop {
+        let event = match lost_since {
+            None => events_rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(t) => events_rx.recv_deadline(t + timeout),
+        };
+        match event {
+            Ok(Event::Opened) => lost_since = None,
+            Ok(Event::Closed(_)) => {
+                if state.connections().is_empty() && state.progress() == Progress::Running {
+                    lost_since.get_or_insert_with(Instant::now);
+                }
+            }
+            Ok(Event::Finished(result)) => break result,
+            Err(RecvTimeoutError::Timeout) => {
+                if !state.connections().is_empty() {
+                    lost_since = None;
+                    continue;
+                }
+                let msg = format!(
+                    "no connection from the sender for {} s, giving up",
+                    timeout.as_secs()
+                );
+                state.end(Progress::Failed(msg.clone()));
+                break Err(Error::GaveUp(msg));
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                break Err(Error::Internal(
+                    "receiver threads ended unexpectedly".into(),
+                ));
+            }
+        }
+    };
+
+    // Let the senders hear the outcome and close first, so their last
+    // frames are not cut off by a reset.
+    let deadline = Instant::now() + LINGER;
+    while !state.connections().is_empty() {
+        match events_rx.recv_deadline(deadline) {
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    if config.verbose >= 1 {
+        log::info!("{}", report(&state).trim_end());
+    }
+    let bytes = outcome?;
+    Ok(Summary {
+        bytes,
+        elapsed: state.clock.elapsed(),
+    })
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(|e| Error::io(format!("spawn thread {name}"), e))
+}
+
+/// Accepts connections forever, each on a thread of its own.
+fn accept(
+    state: &Arc<State>,
+    listener: &TcpListener,
+    feet: &Sender<Arrived>,
+    events: &Sender<Event>,
+) {
+    for incoming in listener.incoming() {
+        let stream = match incoming {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept: {e}");
+                // Out of descriptors or similar: do not spin on it.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let peer = match stream.peer_addr() {
+            Ok(p) => p,
+            Err(_) => continue,
+        };
+        if state.handshaking.load(Ordering::Relaxed) >= MAX_HANDSHAKING {
+            log::warn!("{peer}: dropped: {MAX_HANDSHAKING} connections are already handshaking");
+            state.refused.fetch_add(1, Ordering::Relaxed);
+            net::abortive_close(&stream);
+            continue;
+        }
+        state.handshaking.fetch_add(1, Ordering::Relaxed);
+        let (state, feet, events) = (Arc::clone(state), feet.clone(), events.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("rx-conn-{peer}"))
+            .spawn(move || {
+                let guard = Handshaking(&state);
+                conn::handle(&state, stream, peer, &feet, &events, guard);
+            });
+        if let Err(e) = spawned {
+            log::warn!("{peer}: no thread for the connection: {e}");
+        }
+    }
+}
+
+/// Counts a connection as handshaking until dropped.
+pub struct Handshaking<'a>(&'a State);
+
+impl Drop for Handshaking<'_> {
+    fn drop(&mut self) {
+        self.0.handshaking.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The SIGUSR1 report.
+fn report(state: &State) -> String {
+    let mut out = String::from("viamillipede rx report\n");
+    let conns = state.connections();
+    for (i, c) in conns.iter().enumerate() {
+        out.push_str(&c.link.line(&format!("conn-{i}"), ""));
+        out.push('\n');
+    }
+    let written = state.written.load(Ordering::Relaxed);
+    let receiving = conns
+        .iter()
+        .filter(|c| c.link.state() == LinkState::Receiving)
+        .count();
+    let _ = writeln!(out, "  written {}", state.clock.summary(written));
+    let _ = writeln!(
+        out,
+        "  connections {receiving} up, {} handshaking, {} refused; reorder buffer {} feet; duplicates {}; next foot {}; total {}",
+        state.handshaking.load(Ordering::Relaxed),
+        state.refused.load(Ordering::Relaxed),
+        state.reorder_feet.load(Ordering::Relaxed),
+        state.duplicates.load(Ordering::Relaxed),
+        state.delivered.load(Ordering::Relaxed),
+        human_bytes(written),
+    );
+    out
+}

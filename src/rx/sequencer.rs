@@ -1,0 +1,61 @@
+//! The sequencer: puts arriving feet in order and writes them to the output.
+//!
+//! Runs on one thread, the only one that writes stdout, so a foot is written
+//! whole or not at all. After each batch it tells tx how far it has written
+//! (the flow-control window), and at the end of the stream confirms the
+//! total, or reports why writing failed.
+
+use super::state::{Progress, State};
+use super::{Arrived, Event};
+use crate::error::Error;
+use crate::protocol::{Header, Kind};
+use crate::reorder::{Pushed, Reorder};
+use crossbeam_channel::{Receiver, Sender};
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+/// Writes feet from `feet` to `out` in order until the stream ends.
+pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: Sender<Event>) {
+    let mut reorder = Reorder::new();
+    let mut end: Option<u64> = None;
+    for foot in feet {
+        if end.is_some_and(|e| foot.id > e) {
+            log::warn!(
+                "foot {} arrived after the end of the stream (foot {}); dropped",
+                foot.id,
+                end.unwrap_or(0)
+            );
+            continue;
+        }
+        if foot.end {
+            end = Some(foot.id);
+        }
+        if reorder.push(foot.id, foot.data, foot.end) == Pushed::Duplicate {
+            state.duplicates.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let before = reorder.next();
+        while let Some(ready) = reorder.pop_ready() {
+            if let Err(e) = out.write_all(&ready.data).and_then(|()| out.flush()) {
+                state.end(Progress::Failed(format!("write to stdout: {e}")));
+                let _ = events.send(Event::Finished(Err(Error::io("write to stdout", e))));
+                return;
+            }
+            state
+                .written
+                .fetch_add(ready.data.len() as u64, Ordering::Relaxed);
+            state.delivered.store(ready.id + 1, Ordering::Release);
+            if ready.end {
+                state.reorder_feet.store(reorder.len(), Ordering::Relaxed);
+                let total = state.written.load(Ordering::Relaxed);
+                state.end(Progress::Complete(total));
+                let _ = events.send(Event::Finished(Ok(total)));
+                return;
+            }
+        }
+        state.reorder_feet.store(reorder.len(), Ordering::Relaxed);
+        if reorder.next() != before {
+            state.broadcast(&Header::control(Kind::Window, reorder.next()), b"");
+        }
+    }
+}

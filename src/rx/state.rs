@@ -1,0 +1,230 @@
+//! What the receiver's threads share: the one session it serves, the
+//! connections carrying it, how far the output has been written, and
+//! whether the stream has ended.
+
+use crate::config::Config;
+use crate::protocol::{Header, Hello, Kind, Reason, Reply, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
+use crate::stats::{Clock, Link};
+use crate::wire;
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The stream a receiver serves: fixed by the first accepted handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// tx's random session id.
+    pub id: [u8; 16],
+    /// Largest foot tx sends.
+    pub foot_size: u32,
+    /// Feet tx may run ahead of what is written.
+    pub window: u32,
+}
+
+/// Where the stream stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Feet are still expected.
+    Running,
+    /// Every byte (this many) is written.
+    Complete(u64),
+    /// Writing failed; no more feet are accepted.
+    Failed(String),
+}
+
+/// One accepted connection of the session.
+#[derive(Debug)]
+pub struct Conn {
+    /// Its counters.
+    pub link: Link,
+    writer: Mutex<TcpStream>,
+}
+
+impl Conn {
+    /// Sends a control or abort frame; failures surface in the reader.
+    pub fn send(&self, header: &Header, payload: &[u8]) {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = wire::write_frame(&mut *w, header, payload);
+    }
+}
+
+/// State shared by the acceptor, the connections and the sequencer.
+#[derive(Debug)]
+pub struct State {
+    /// The run's options.
+    pub config: Config,
+    session: Mutex<Option<Session>>,
+    progress: Mutex<Progress>,
+    conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
+    next_conn: AtomicU64,
+    /// Every foot below this id is written.
+    pub delivered: AtomicU64,
+    /// Payload bytes written to stdout.
+    pub written: AtomicU64,
+    /// Feet received more than once.
+    pub duplicates: AtomicU64,
+    /// Feet waiting in the reorder buffer.
+    pub reorder_feet: AtomicUsize,
+    /// Connections refused or dropped for breaking the protocol.
+    pub refused: AtomicU64,
+    /// Connections still in their handshake.
+    pub handshaking: AtomicUsize,
+    /// Throughput clock.
+    pub clock: Clock,
+}
+
+/// The verdict on a handshake.
+pub enum Admission {
+    /// Serve this connection.
+    Accept(Session, u64),
+    /// Tell the sender everything is written already.
+    Complete(u64),
+    /// Refuse it.
+    Reject(Reply),
+}
+
+impl State {
+    /// Fresh state for a receiver.
+    pub fn new(config: Config) -> State {
+        State {
+            config,
+            session: Mutex::new(None),
+            progress: Mutex::new(Progress::Running),
+            conns: Mutex::new(BTreeMap::new()),
+            next_conn: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            reorder_feet: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            handshaking: AtomicUsize::new(0),
+            clock: Clock::new(),
+        }
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decides whether a sender may join; the first acceptable one fixes the
+    /// session.
+    pub fn admit(&self, hello: &Hello) -> Admission {
+        let reject = |reason, msg: String| Admission::Reject(Reply::reject(reason, msg));
+        if hello.checkphrase != self.config.checkphrase {
+            return reject(Reason::Checkphrase, "checkphrase mismatch".into());
+        }
+        if hello.flags != 0 {
+            return reject(
+                Reason::Other,
+                format!("unsupported feature flags {:#06x}", hello.flags),
+            );
+        }
+        let bytes = u64::from(hello.foot_size) * u64::from(hello.window);
+        if hello.foot_size == 0
+            || hello.foot_size > MAX_FOOT
+            || hello.window < 2
+            || hello.window > MAX_WINDOW
+            || bytes > MAX_WINDOW_BYTES
+        {
+            return reject(
+                Reason::Parameters,
+                format!(
+                    "foot size {} x window {} is outside what this receiver accepts (foot up to {MAX_FOOT}, window 2 to {MAX_WINDOW}, at most {MAX_WINDOW_BYTES} bytes)",
+                    hello.foot_size, hello.window
+                ),
+            );
+        }
+        let offered = Session {
+            id: hello.session,
+            foot_size: hello.foot_size,
+            window: hello.window,
+        };
+        let mut session = Self::lock(&self.session);
+        match *session {
+            None => *session = Some(offered),
+            Some(s) if s.id != offered.id => {
+                return reject(
+                    Reason::Busy,
+                    "busy: another stream is in progress on this receiver".into(),
+                )
+            }
+            Some(s) if s != offered => {
+                return reject(
+                    Reason::Parameters,
+                    "foot size or window differs from the stream's".into(),
+                )
+            }
+            Some(_) => {}
+        }
+        drop(session);
+        match self.progress() {
+            Progress::Running => Admission::Accept(offered, self.delivered.load(Ordering::Acquire)),
+            Progress::Complete(bytes) => Admission::Complete(bytes),
+            Progress::Failed(msg) => reject(Reason::Failed, msg),
+        }
+    }
+
+    /// Where the stream stands.
+    pub fn progress(&self) -> Progress {
+        Self::lock(&self.progress).clone()
+    }
+
+    /// Records the end of the stream (the first end wins) and tells every
+    /// connection: `Done` or `Abort`.
+    pub fn end(&self, progress: Progress) {
+        {
+            let mut p = Self::lock(&self.progress);
+            if *p != Progress::Running {
+                return;
+            }
+            *p = progress.clone();
+        }
+        match progress {
+            Progress::Complete(bytes) => self.broadcast(&Header::control(Kind::Done, bytes), b""),
+            Progress::Failed(msg) => {
+                let msg =
+                    crate::protocol::handshake::truncate_utf8(&msg, crate::protocol::MAX_MESSAGE);
+                let header = Header {
+                    kind: Kind::Abort,
+                    flags: 0,
+                    len: msg.len() as u32,
+                    id: 0,
+                };
+                self.broadcast(&header, msg.as_bytes());
+            }
+            Progress::Running => {}
+        }
+    }
+
+    /// Sends a frame on every connection of the session.
+    pub fn broadcast(&self, header: &Header, payload: &[u8]) {
+        let conns: Vec<Arc<Conn>> = Self::lock(&self.conns).values().cloned().collect();
+        for c in conns {
+            c.send(header, payload);
+        }
+    }
+
+    /// Adds a connection; returns its key and handle.
+    pub fn register(&self, stream: TcpStream, peer: String) -> (u64, Arc<Conn>) {
+        let key = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            link: Link::new(peer),
+            writer: Mutex::new(stream),
+        });
+        Self::lock(&self.conns).insert(key, Arc::clone(&conn));
+        (key, conn)
+    }
+
+    /// Removes a connection; returns how many remain.
+    pub fn unregister(&self, key: u64) -> usize {
+        let mut conns = Self::lock(&self.conns);
+        conns.remove(&key);
+        conns.len()
+    }
+
+    /// Live connections of the session.
+    pub fn connections(&self) -> Vec<Arc<Conn>> {
+        Self::lock(&self.conns).values().cloned().collect()
+    }
+}

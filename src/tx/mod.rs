@@ -1,0 +1,203 @@
+//! The sending wing: stdin -> feet -> window -> workers -> sockets.
+//!
+//! One reader thread cuts stdin into full feet (only the last may be short)
+//! and admits them to the [`window::Window`]; `threads` workers per
+//! destination pull feet from it. The main thread waits for rx's final
+//! confirmation, a fatal error, or the reconnect timeout.
+
+pub mod window;
+mod worker;
+
+use crate::config::{Config, Destination};
+use crate::error::{Error, Result};
+use crate::signals::Reporter;
+use crate::stats::{human_bytes, Clock, Link};
+use crate::Summary;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use window::{Foot, Window};
+
+/// How long to let workers close their connections after the outcome.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Sends stdin to `destinations` (most preferred first).
+pub fn run(config: &Config, destinations: &[Destination]) -> Result<Summary> {
+    let stdin = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("open stdin", e))?;
+    send(config, destinations, File::from(stdin))
+}
+
+/// Sends `input` to `destinations`; `run` with any readable input.
+pub fn send(
+    config: &Config,
+    destinations: &[Destination],
+    input: impl Read + Send + 'static,
+) -> Result<Summary> {
+    let threads = usize::from(config.threads);
+    let plan: Vec<(usize, &Destination)> = destinations
+        .iter()
+        .enumerate()
+        .flat_map(|(rank, d)| std::iter::repeat_n((rank, d), threads))
+        .collect();
+    let ranks: Vec<usize> = plan.iter().map(|(rank, _)| *rank).collect();
+    let window = Arc::new(Window::new(config.window, config.inflight, &ranks));
+    let links: Arc<Vec<Link>> =
+        Arc::new(plan.iter().map(|(_, d)| Link::new(d.to_string())).collect());
+    let clock = Arc::new(Clock::new());
+    let read = Arc::new(AtomicU64::new(0));
+
+    let _reporter = {
+        let (window, links, clock, read) = (
+            Arc::clone(&window),
+            Arc::clone(&links),
+            Arc::clone(&clock),
+            Arc::clone(&read),
+        );
+        Reporter::spawn(move || report(&window, &links, &clock, read.load(Relaxed)))
+            .map_err(|e| Error::io("install signal handlers", e))?
+    };
+
+    {
+        let (window, read) = (Arc::clone(&window), Arc::clone(&read));
+        let foot_size = config.foot_size;
+        std::thread::Builder::new()
+            .name("tx-reader".into())
+            .spawn(move || ingest(input, foot_size, &window, &read))
+            .map_err(|e| Error::io("spawn reader thread", e))?;
+    }
+
+    let mut session = [0u8; 16];
+    getrandom::getrandom(&mut session)
+        .map_err(|e| Error::io("choose a session id", std::io::Error::other(e)))?;
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<()>();
+    for (w, (_, dest)) in plan.iter().enumerate() {
+        let (window, links, config, dest) = (
+            Arc::clone(&window),
+            Arc::clone(&links),
+            config.clone(),
+            (*dest).clone(),
+        );
+        let (stop, exited) = (stop_rx.clone(), exit_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("tx-worker-{w}"))
+            .spawn(move || {
+                let _guard = PanicGuard {
+                    window: &window,
+                    exited,
+                    name: format!("tx-worker-{w}"),
+                };
+                let shared = worker::Shared {
+                    config: &config,
+                    window: &window,
+                    session,
+                    stop,
+                };
+                worker::run(&shared, w, &dest, &links[w]);
+            })
+            .map_err(|e| Error::io("spawn worker thread", e))?;
+    }
+    drop(exit_tx);
+
+    let outcome = window.outcome(config.reconnect_timeout);
+    window.finish(Err(Error::Internal("stopped".into())));
+    drop(stop_tx);
+    // Give workers a moment to close their connections cleanly.
+    let deadline = Instant::now() + LINGER;
+    while exit_rx.recv_deadline(deadline).is_ok() {}
+
+    let sent = read.load(Relaxed);
+    if config.verbose >= 1 {
+        log::info!("{}", report(&window, &links, &clock, sent).trim_end());
+    }
+    let bytes = outcome?;
+    if bytes != sent {
+        return Err(Error::Peer(format!(
+            "receiver confirmed {bytes} bytes, but {sent} were sent"
+        )));
+    }
+    Ok(Summary {
+        bytes,
+        elapsed: clock.elapsed(),
+    })
+}
+
+/// Cuts the input into feet and admits them to the window.
+fn ingest(mut input: impl Read, foot_size: u32, window: &Window, read: &AtomicU64) {
+    for id in 0.. {
+        let mut data = Vec::with_capacity(foot_size as usize);
+        // `take` + `read_to_end` fills the foot completely unless the input
+        // ends, so feet are full-size however short the pipe's reads are.
+        if let Err(e) = (&mut input)
+            .take(u64::from(foot_size))
+            .read_to_end(&mut data)
+        {
+            window.finish(Err(Error::io("read stdin", e)));
+            return;
+        }
+        let end = data.len() < foot_size as usize;
+        read.fetch_add(data.len() as u64, Relaxed);
+        if !window.admit(Foot { id, data, end }) || end {
+            return;
+        }
+    }
+}
+
+/// Ends the run with an error if a worker thread panics, so the peer is
+/// never left waiting on a dead worker; tells the main thread it exited.
+struct PanicGuard<'a> {
+    window: &'a Window,
+    exited: crossbeam_channel::Sender<()>,
+    name: String,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.window.finish(Err(Error::Internal(format!(
+                "thread {} panicked",
+                self.name
+            ))));
+        }
+        let _ = self.exited.send(());
+    }
+}
+
+/// The SIGUSR1 report.
+fn report(window: &Window, links: &[Link], clock: &Clock, read: u64) -> String {
+    let snap = window.snapshot();
+    let sent: u64 = links.iter().map(Link::bytes).sum();
+    let reconnects: u64 = links.iter().map(Link::reconnects).sum();
+    let mut out = String::from("viamillipede tx report\n");
+    for (w, link) in links.iter().enumerate() {
+        let inflight = snap.inflight.get(w).copied().unwrap_or(0);
+        out.push_str(&link.line(&format!("worker-{w}"), &format!(" {inflight:>2} in flight")));
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "  read {}; sent {}",
+        human_bytes(read),
+        clock.summary(sent)
+    );
+    let _ = writeln!(
+        out,
+        "  connections {}/{} up, retransmitted feet {}, reconnects {}, window {}/{} feet held ({} queued), rx has written {} feet",
+        snap.connected,
+        links.len(),
+        snap.retransmits,
+        reconnects,
+        snap.held,
+        window.size(),
+        snap.queued,
+        snap.delivered
+    );
+    out
+}

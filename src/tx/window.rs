@@ -1,0 +1,410 @@
+//! The window of unacknowledged feet, and the scheduler that hands them to
+//! connections.
+//!
+//! Every foot read from stdin stays here until rx acknowledges it. Workers
+//! *pull*: a connection is given a foot only while it has fewer than
+//! `inflight` feet unacknowledged, so a faster connection (acknowledged
+//! sooner) carries more, and a connection to a lower-ranked destination is
+//! given a foot only when every live connection of a better rank is full.
+//! Flow control: the reader may not run more than `window` feet ahead of what
+//! rx has written, which bounds memory on both sides. When a connection is
+//! lost, its unacknowledged feet go back to the queue at once, lowest id
+//! first, so the foot the receiver is waiting for is resent first.
+//!
+//! One mutex and one condition variable: every change wakes the waiters,
+//! which re-check their condition; there is no polling.
+
+use crate::error::Error;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A numbered slice of the input.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Foot {
+    /// Sequence number, from 0.
+    pub id: u64,
+    /// The payload.
+    pub data: Vec<u8>,
+    /// Whether it ends the stream.
+    pub end: bool,
+}
+
+/// What a worker is told to do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Send this foot.
+    Send(Arc<Foot>),
+    /// Your connection was declared lost: reconnect.
+    Lost,
+    /// The transfer is over (successfully or not): stop.
+    Finished,
+}
+
+#[derive(Debug)]
+struct Slot {
+    rank: usize,
+    connected: bool,
+    inflight: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    feet: BTreeMap<u64, Arc<Foot>>,
+    queue: BTreeSet<u64>,
+    slots: Vec<Slot>,
+    delivered: u64,
+    connected: usize,
+    /// When the last connection was lost (or the start, before the first).
+    lost_since: Option<Instant>,
+    last_error: Option<String>,
+    finished: bool,
+    outcome: Option<Result<u64, Error>>,
+    retransmits: u64,
+}
+
+/// A snapshot for the stats report.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Feet held (read, not yet acknowledged).
+    pub held: usize,
+    /// Feet waiting for a connection.
+    pub queued: usize,
+    /// Every foot below this has been written by rx.
+    pub delivered: u64,
+    /// Feet resent after a connection was lost.
+    pub retransmits: u64,
+    /// Unacknowledged feet per worker.
+    pub inflight: Vec<usize>,
+    /// Live connections.
+    pub connected: usize,
+}
+
+/// Shared between the reader, the workers and the main thread.
+#[derive(Debug)]
+pub struct Window {
+    state: Mutex<State>,
+    changed: Condvar,
+    window: u64,
+    inflight: usize,
+}
+
+impl Window {
+    /// A window of `window` feet for workers of the given ranks, each
+    /// allowed `inflight` unacknowledged feet.
+    pub fn new(window: u32, inflight: u32, ranks: &[usize]) -> Window {
+        let slots = ranks
+            .iter()
+            .map(|&rank| Slot {
+                rank,
+                connected: false,
+                inflight: Vec::new(),
+            })
+            .collect();
+        Window {
+            state: Mutex::new(State {
+                feet: BTreeMap::new(),
+                queue: BTreeSet::new(),
+                slots,
+                delivered: 0,
+                connected: 0,
+                lost_since: Some(Instant::now()),
+                last_error: None,
+                finished: false,
+                outcome: None,
+                retransmits: 0,
+            }),
+            changed: Condvar::new(),
+            window: u64::from(window),
+            inflight: inflight as usize,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking worker ends the run through its guard; the state it
+        // leaves is still consistent enough to report and shut down.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a foot read from the input, waiting while it would run more than
+    /// a window ahead of the receiver. Returns false if the transfer is over.
+    pub fn admit(&self, foot: Foot) -> bool {
+        let mut s = self.lock();
+        while !s.finished && foot.id >= s.delivered + self.window {
+            s = self.wait(s);
+        }
+        if s.finished {
+            return false;
+        }
+        s.queue.insert(foot.id);
+        s.feet.insert(foot.id, Arc::new(foot));
+        drop(s);
+        self.changed.notify_all();
+        true
+    }
+
+    /// Waits until worker `w` may send a foot, its connection is lost, or the
+    /// transfer is over.
+    pub fn next(&self, w: usize) -> Next {
+        let mut s = self.lock();
+        loop {
+            if s.finished {
+                return Next::Finished;
+            }
+            if !s.slots[w].connected {
+                return Next::Lost;
+            }
+            if self.may_send(&s, w) {
+                let id = s.queue.pop_first().expect("queue checked non-empty");
+                s.slots[w].inflight.push(id);
+                return Next::Send(Arc::clone(&s.feet[&id]));
+            }
+            s = self.wait(s);
+        }
+    }
+
+    /// The scheduling rule: w has room, there is a foot, and no live
+    /// connection of a better rank has room for it.
+    fn may_send(&self, s: &State, w: usize) -> bool {
+        let me = &s.slots[w];
+        if s.queue.is_empty() || me.inflight.len() >= self.inflight {
+            return false;
+        }
+        !s.slots
+            .iter()
+            .any(|o| o.connected && o.rank < me.rank && o.inflight.len() < self.inflight)
+    }
+
+    /// rx has received foot `id` (on worker `w`'s connection).
+    pub fn ack(&self, w: usize, id: u64) {
+        let mut s = self.lock();
+        s.feet.remove(&id);
+        s.queue.remove(&id);
+        s.slots[w].inflight.retain(|&i| i != id);
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// rx has written every foot below `delivered`.
+    pub fn advance(&self, delivered: u64) {
+        let mut s = self.lock();
+        if delivered <= s.delivered {
+            return;
+        }
+        s.delivered = delivered;
+        // Written feet need no acknowledgement any more.
+        s.feet = s.feet.split_off(&delivered);
+        s.queue = s.queue.split_off(&delivered);
+        for slot in &mut s.slots {
+            slot.inflight.retain(|&i| i >= delivered);
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Worker `w` has a working connection.
+    pub fn connected(&self, w: usize) {
+        let mut s = self.lock();
+        if !s.slots[w].connected {
+            s.slots[w].connected = true;
+            s.connected += 1;
+            s.lost_since = None;
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Worker `w` lost its connection: its unacknowledged feet are queued
+    /// for another. Safe to call more than once.
+    pub fn disconnected(&self, w: usize) {
+        let mut s = self.lock();
+        if !s.slots[w].connected {
+            return;
+        }
+        s.slots[w].connected = false;
+        s.connected -= 1;
+        if s.connected == 0 {
+            s.lost_since = Some(Instant::now());
+        }
+        let lost = std::mem::take(&mut s.slots[w].inflight);
+        for id in lost {
+            if s.feet.contains_key(&id) {
+                s.queue.insert(id);
+                s.retransmits += 1;
+            }
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Remembers why the latest connection attempt failed, for the message
+    /// given if the transfer is abandoned.
+    pub fn note_error(&self, e: String) {
+        self.lock().last_error = Some(e);
+    }
+
+    /// Ends the transfer: `Ok(bytes)` when rx confirmed everything, or the
+    /// error that stopped it. The first outcome wins.
+    pub fn finish(&self, outcome: Result<u64, Error>) {
+        let mut s = self.lock();
+        if !s.finished {
+            s.finished = true;
+            s.outcome = Some(outcome);
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Whether the transfer is over.
+    pub fn is_finished(&self) -> bool {
+        self.lock().finished
+    }
+
+    /// Waits for the outcome. Gives up when no connection has been alive for
+    /// `reconnect_timeout`.
+    pub fn outcome(&self, reconnect_timeout: Duration) -> Result<u64, Error> {
+        let mut s = self.lock();
+        loop {
+            if let Some(o) = s.outcome.take() {
+                return o;
+            }
+            match s.lost_since {
+                None => s = self.wait(s),
+                Some(since) => {
+                    let deadline = since + reconnect_timeout;
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let why = s
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| "no connection".into());
+                        s.finished = true;
+                        drop(s);
+                        self.changed.notify_all();
+                        return Err(Error::GaveUp(format!(
+                            "no connection to the receiver for {} s, giving up (last error: {why})",
+                            reconnect_timeout.as_secs()
+                        )));
+                    }
+                    s = self
+                        .changed
+                        .wait_timeout(s, deadline - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Counters for the stats report.
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.lock();
+        Snapshot {
+            held: s.feet.len(),
+            queued: s.queue.len(),
+            delivered: s.delivered,
+            retransmits: s.retransmits,
+            inflight: s.slots.iter().map(|x| x.inflight.len()).collect(),
+            connected: s.connected,
+        }
+    }
+
+    /// The window size in feet.
+    pub fn size(&self) -> u64 {
+        self.window
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn foot(id: u64) -> Foot {
+        Foot {
+            id,
+            data: vec![id as u8],
+            end: false,
+        }
+    }
+
+    fn sent(n: Next) -> u64 {
+        match n {
+            Next::Send(f) => f.id,
+            other => panic!("expected a foot, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lost_feet_are_resent_lowest_first() {
+        let w = Window::new(8, 2, &[0, 0]);
+        w.connected(0);
+        w.connected(1);
+        for id in 0..4 {
+            assert!(w.admit(foot(id)));
+        }
+        assert_eq!(sent(w.next(0)), 0);
+        assert_eq!(sent(w.next(0)), 1);
+        assert_eq!(sent(w.next(1)), 2);
+        w.disconnected(0);
+        assert!(matches!(w.next(0), Next::Lost));
+        assert_eq!(sent(w.next(1)), 0);
+        w.ack(1, 2);
+        assert_eq!(sent(w.next(1)), 1);
+        assert_eq!(w.snapshot().retransmits, 2);
+    }
+
+    #[test]
+    fn lower_rank_gets_feet_only_when_better_ranks_are_full() {
+        let w = Window::new(8, 1, &[0, 1]);
+        w.connected(0);
+        w.connected(1);
+        for id in 0..3 {
+            w.admit(foot(id));
+        }
+        // Rank 1 must wait while rank 0 has room.
+        let s = w.lock();
+        assert!(!w.may_send(&s, 1));
+        drop(s);
+        assert_eq!(sent(w.next(0)), 0);
+        assert_eq!(sent(w.next(1)), 1);
+        w.ack(0, 0);
+        let s = w.lock();
+        assert!(!w.may_send(&s, 1), "rank 0 has room again");
+        drop(s);
+        // A dead better rank does not hold back the next one.
+        w.disconnected(0);
+        w.ack(1, 1);
+        assert_eq!(sent(w.next(1)), 2);
+    }
+
+    #[test]
+    fn reader_waits_for_the_window_and_stops_when_finished() {
+        let w = Arc::new(Window::new(2, 2, &[0]));
+        assert!(w.admit(foot(0)));
+        assert!(w.admit(foot(1)));
+        let w2 = Arc::clone(&w);
+        let reader = std::thread::spawn(move || w2.admit(foot(2)));
+        w.advance(1);
+        assert!(reader.join().unwrap());
+        assert_eq!(w.snapshot().held, 2);
+        let w2 = Arc::clone(&w);
+        let reader = std::thread::spawn(move || w2.admit(foot(5)));
+        w.finish(Ok(0));
+        assert!(!reader.join().unwrap());
+    }
+
+    #[test]
+    fn gives_up_without_connections() {
+        let w = Window::new(2, 2, &[0]);
+        w.note_error("connect: refused".into());
+        match w.outcome(Duration::from_millis(10)) {
+            Err(Error::GaveUp(m)) => assert!(m.contains("refused")),
+            other => panic!("{other:?}"),
+        }
+        assert!(w.is_finished());
+    }
+}
