@@ -1,0 +1,489 @@
+//! End-to-end tests: the real binary on loopback.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use util::*;
+
+const FOOT: usize = 2 << 20;
+
+/// Sends `input` through rx and tx with the given extra tx words; checks
+/// byte-exact output and exit 0 on both sides. Returns both stderrs.
+fn transfer(input: Vec<u8>, tx_extra: &[&str], rx_extra: &[&str]) -> (String, String) {
+    let input = Arc::new(input);
+    let (mut r, port) = rx(rx_extra);
+    let port = port.to_string();
+    let mut args = vec!["tx", "127.0.0.1", &port];
+    args.extend_from_slice(tx_extra);
+    let mut t = tx(&args, Arc::clone(&input));
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(ts.success(), "tx failed: {ts}\n{}", t.stderr());
+    assert!(rs.success(), "rx failed: {rs}\n{}", r.stderr());
+    assert_same(&out, &input, "transfer");
+    (t.stderr(), r.stderr())
+}
+
+#[test]
+fn sizes_around_the_foot_boundary_arrive_exactly() {
+    for (i, len) in [0, 1, FOOT - 1, FOOT, FOOT + 1, 3 * FOOT + 17]
+        .into_iter()
+        .enumerate()
+    {
+        transfer(data(len, i as u64 + 1), &["threads", "4"], &[]);
+    }
+}
+
+#[test]
+fn a_hundred_megabytes_with_1_4_and_16_threads() {
+    let input = data(100 << 20, 7);
+    for threads in ["1", "4", "16"] {
+        transfer(input.clone(), &["threads", threads], &[]);
+    }
+}
+
+#[test]
+fn small_feet_many_in_flight() {
+    // Many feet, small window: exercises flow control and reordering.
+    transfer(
+        data(5 << 20, 3),
+        &["threads", "8", "--foot-size", "4K", "--window", "4"],
+        &[],
+    );
+}
+
+#[test]
+fn three_ranked_destinations() {
+    let input = Arc::new(data(40 << 20, 11));
+    let (mut r, port) = rx(&[]);
+    let p = port.to_string();
+    let args = [
+        "tx",
+        "127.0.0.1",
+        &p,
+        "tx",
+        "127.0.0.2",
+        &p,
+        "tx",
+        "localhost",
+        &p,
+        "threads",
+        "2",
+        "verbose",
+        "1",
+    ];
+    let mut t = tx(&args, Arc::clone(&input));
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "tx {ts} rx {rs}\n{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "three destinations");
+    // Every destination was connected, including the second address.
+    let err = t.stderr();
+    for dest in ["127.0.0.1", "127.0.0.2", "localhost"] {
+        assert!(
+            err.contains(&format!("connected to {dest}:{p}")),
+            "no connection to {dest}:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn a_preferred_destination_carries_the_stream_when_it_keeps_up() {
+    // A source slower than the first destination: the second one idles.
+    let (mut r, port) = rx(&[]);
+    let p = port.to_string();
+    let (mut t, feed) = tx_fed(&[
+        "tx",
+        "127.0.0.1",
+        &p,
+        "tx",
+        "127.0.0.2",
+        &p,
+        "threads",
+        "2",
+        "verbose",
+        "1",
+    ]);
+    let input = data(8 * 64 << 10, 5);
+    for chunk in input.chunks(64 << 10) {
+        feed.send(chunk.to_vec()).unwrap();
+    }
+    drop(feed);
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "preferred destination");
+    let err = t.stderr();
+    let second: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("127.0.0.2:") && l.contains("worker-"))
+        .collect();
+    assert!(
+        second.iter().all(|l| l.contains(" 0 feet")),
+        "second destination carried feet:\n{err}"
+    );
+}
+
+#[test]
+fn connections_reset_mid_stream_lose_nothing() {
+    let input = Arc::new(data(64 << 20, 13));
+    let (mut r, port) = rx(&[]);
+    // Every connection but every fifth is reset after 0.5-2.5 MiB of traffic.
+    let proxy = FaultProxy::start(port, |n| {
+        (n % 5 != 4).then_some((512 << 10) + (n * 777_777) % (2 << 20))
+    });
+    let pp = proxy.port.to_string();
+    let mut t = tx(
+        &["tx", "127.0.0.1", &pp, "threads", "4", "verbose", "1"],
+        Arc::clone(&input),
+    );
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "tx {ts} rx {rs}\n{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "through the fault proxy");
+    let resets = proxy.resets.load(Ordering::Relaxed);
+    assert!(resets >= 10, "only {resets} resets happened");
+    let err = t.stderr();
+    assert!(
+        !err.contains("retransmitted feet 0,"),
+        "no foot was retransmitted:\n{err}"
+    );
+}
+
+#[test]
+fn rx_started_after_tx() {
+    let port = {
+        let l = std::net::TcpListener::bind("[::]:0").expect("bind");
+        l.local_addr().unwrap().port()
+    };
+    let p = port.to_string();
+    let input = Arc::new(data(10 << 20, 17));
+    let mut t = tx(
+        &["tx", "localhost", &p, "threads", "4", "verbose", "2"],
+        Arc::clone(&input),
+    );
+    t.wait_line("connect to localhost", Duration::from_secs(20));
+    let (mut r, _) = Proc::spawn("rx", &["rx", &p], Out::Collect);
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "rx started late");
+}
+
+#[test]
+fn tx_gives_up_when_rx_is_killed() {
+    let (r, port) = rx(&[]);
+    let p = port.to_string();
+    let (mut t, feed) = tx_fed(&[
+        "tx",
+        "127.0.0.1",
+        &p,
+        "threads",
+        "2",
+        "--reconnect-timeout",
+        "2",
+        "verbose",
+        "1",
+    ]);
+    feed.send(data(FOOT * 2, 1)).unwrap();
+    t.wait_line("connected to", Duration::from_secs(10));
+    r.signal("KILL");
+    let status = t.wait(Duration::from_secs(30));
+    assert!(!status.success(), "tx succeeded without a receiver");
+    assert_eq!(status.code(), Some(1));
+    let err = t.stderr();
+    assert!(err.contains("giving up"), "no reason given:\n{err}");
+    drop(feed);
+}
+
+#[test]
+fn rx_gives_up_when_tx_is_killed() {
+    let (mut r, port) = rx(&["--reconnect-timeout", "2", "verbose", "1"]);
+    let p = port.to_string();
+    let (t, feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "2"]);
+    feed.send(data(FOOT + 5, 1)).unwrap();
+    r.wait_line("connected", Duration::from_secs(10));
+    t.signal("KILL");
+    let (status, out) = r.output();
+    assert_eq!(status.code(), Some(1), "{}", r.stderr());
+    assert!(r.stderr().contains("giving up"), "{}", r.stderr());
+    // Only whole feet were written.
+    assert!(
+        out.len() % FOOT == 0,
+        "a partial foot was written: {} bytes",
+        out.len()
+    );
+}
+
+#[test]
+fn garbage_and_half_open_connections_do_not_disturb_the_stream() {
+    let (mut r, port) = rx(&["--handshake-timeout", "1", "verbose", "1"]);
+    let p = port.to_string();
+    let input = data(12 * FOOT + 3, 23);
+    let (mut t, feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "4"]);
+    feed.send(input[..4 * FOOT].to_vec()).unwrap();
+    r.wait_line("connected", Duration::from_secs(10));
+
+    let half_open: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    for seed in 0..5 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = s.write_all(&data(100_000, seed + 100));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        // rx hangs up on garbage: EOF or a reset, never a hang.
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => {}
+            Ok(n) => panic!("rx answered garbage with {n} bytes"),
+        }
+    }
+    // A header-sized hello with the right magic but nothing after it.
+    let mut partial = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    partial.write_all(b"VIAMPEDE\x00\x01").unwrap();
+    feed.send(input[4 * FOOT..].to_vec()).unwrap();
+    drop(feed);
+    // Half-open connections are dropped once their handshake time is up.
+    for mut s in half_open {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 1];
+        assert!(
+            matches!(s.read(&mut buf), Ok(0) | Err(_)),
+            "half-open connection kept"
+        );
+    }
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "with garbage around");
+    assert!(
+        r.stderr().contains("not a viamillipede handshake"),
+        "{}",
+        r.stderr()
+    );
+    drop(partial);
+}
+
+#[test]
+fn a_second_session_is_refused_while_a_stream_runs() {
+    let (mut r, port) = rx(&[]);
+    let p = port.to_string();
+    let input = data(3 * FOOT, 29);
+    let (mut t, feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "2", "verbose", "1"]);
+    feed.send(input[..FOOT].to_vec()).unwrap();
+    t.wait_line("connected to", Duration::from_secs(10));
+
+    let mut intruder = tx(
+        &["tx", "127.0.0.1", &p, "threads", "1"],
+        Arc::new(b"intruder".to_vec()),
+    );
+    let status = intruder.wait(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1));
+    assert!(intruder.stderr().contains("busy"), "{}", intruder.stderr());
+
+    feed.send(input[FOOT..].to_vec()).unwrap();
+    drop(feed);
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "first session");
+}
+
+#[test]
+fn a_wrong_checkphrase_is_refused_and_rx_keeps_waiting() {
+    let (mut r, port) = rx(&["checkphrase", "abcd"]);
+    let p = port.to_string();
+    let mut wrong = tx(
+        &["tx", "127.0.0.1", &p, "checkphrase", "wxyz"],
+        Arc::new(b"no".to_vec()),
+    );
+    assert_eq!(wrong.wait(Duration::from_secs(20)).code(), Some(1));
+    assert!(
+        wrong.stderr().contains("checkphrase mismatch"),
+        "{}",
+        wrong.stderr()
+    );
+    let input = Arc::new(data(FOOT + 1, 31));
+    let mut right = tx(
+        &["--tx", &format!("127.0.0.1:{p}"), "--checkphrase", "abcd"],
+        Arc::clone(&input),
+    );
+    let (ts, _) = right.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "{}\n{}",
+        right.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "after a refused sender");
+}
+
+#[test]
+fn sigusr1_reports_without_disturbing_stdout() {
+    let (mut r, port) = rx(&["verbose", "1"]);
+    let p = port.to_string();
+    let input = data(4 * FOOT, 37);
+    let (mut t, feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "3"]);
+    feed.send(input[..2 * FOOT].to_vec()).unwrap();
+    // Once rx has a connection, both sides have their handlers installed.
+    r.wait_line("connected", Duration::from_secs(10));
+    t.signal("USR1");
+    t.wait_line("viamillipede tx report", Duration::from_secs(10));
+    t.wait_line("worker-2", Duration::from_secs(10));
+    t.wait_line("retransmitted feet", Duration::from_secs(10));
+    r.signal("USR1");
+    r.wait_line("viamillipede rx report", Duration::from_secs(10));
+    r.wait_line("reorder buffer", Duration::from_secs(10));
+    feed.send(input[2 * FOOT..].to_vec()).unwrap();
+    drop(feed);
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "with reports");
+}
+
+#[test]
+fn a_closed_rx_stdout_fails_both_sides_with_the_reason() {
+    let (mut r, mut stdout) = Proc::spawn("rx", &["rx", "0"], Out::Pipe);
+    let port = port_of(&r).to_string();
+    let mut t = tx(
+        &["tx", "127.0.0.1", &port, "threads", "2"],
+        Arc::new(data(40 << 20, 41)),
+    );
+    let mut first = [0u8; 1];
+    stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    drop(stdout);
+    let rs = r.wait(Duration::from_secs(30));
+    let ts = t.wait(Duration::from_secs(30));
+    assert_eq!(rs.code(), Some(1), "{}", r.stderr());
+    assert_eq!(ts.code(), Some(1), "{}", t.stderr());
+    assert!(r.stderr().contains("write to stdout"), "{}", r.stderr());
+    assert!(
+        t.stderr().contains("receiver: write to stdout"),
+        "{}",
+        t.stderr()
+    );
+}
+
+#[test]
+fn legacy_and_dashed_syntax_behave_the_same() {
+    let input = data(FOOT * 2 + 99, 43);
+    let (legacy_tx, _) = transfer(
+        input.clone(),
+        &["threads", "2", "verbose", "1", "checkphrase", "wxyz"],
+        &["checkphrase", "wxyz"],
+    );
+    let (dashed_tx, _) = transfer(
+        input,
+        &["--threads", "2", "--verbose", "1", "--checkphrase", "wxyz"],
+        &["--checkphrase", "wxyz"],
+    );
+    for err in [legacy_tx, dashed_tx] {
+        assert!(
+            err.contains("worker-1") && !err.contains("worker-2"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn bad_command_lines_exit_2_naming_the_word() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["rx", "1", "frobnicate"], "frobnicate"),
+        (&["tx", "host"], "tx"),
+        (&["tx", "host", "80", "threads", "0"], "threads"),
+        (&["tx", "host", "80", "threads", "100"], "100"),
+        (&["rx", "1", "checkphrase", "toolong"], "checkphrase"),
+        (&["rx", "1", "chaos", "3"], "chaos"),
+        (&["rx", "99999"], "99999"),
+        (&[], "nothing to do"),
+    ];
+    for (args, word) in cases {
+        let (mut p, _) = Proc::spawn("bad", args, Out::Collect);
+        let (status, out) = p.output();
+        assert_eq!(status.code(), Some(2), "{args:?}: {}", p.stderr());
+        let err = p.stderr();
+        assert!(
+            err.contains(word),
+            "{args:?}: error does not name {word:?}: {err}"
+        );
+        assert!(err.contains("usage:"), "{args:?}: no usage hint: {err}");
+        assert!(out.is_empty());
+    }
+}
+
+#[test]
+fn help_and_version() {
+    let (mut p, _) = Proc::spawn("help", &["--help"], Out::Collect);
+    let (status, out) = p.output();
+    assert!(status.success());
+    let help = String::from_utf8(out).unwrap();
+    for word in [
+        "--threads",
+        "--tx",
+        "--rx",
+        "--reconnect-timeout",
+        "Examples",
+        "SIGUSR1",
+        "Memory",
+    ] {
+        assert!(help.contains(word), "help lacks {word}");
+    }
+    let (mut p, _) = Proc::spawn("version", &["--version"], Out::Collect);
+    let (status, out) = p.output();
+    assert!(status.success());
+    assert!(String::from_utf8(out).unwrap().starts_with("viamillipede "));
+}
+
+#[test]
+fn a_busy_port_is_a_clear_error() {
+    let l = std::net::TcpListener::bind("[::]:0").unwrap();
+    let port = l.local_addr().unwrap().port().to_string();
+    let (mut p, _) = Proc::spawn("rx", &["rx", &port], Out::Collect);
+    assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(1));
+    assert!(
+        p.stderr().contains(&format!("listen on port {port}")),
+        "{}",
+        p.stderr()
+    );
+}

@@ -1,0 +1,363 @@
+//! Helpers for the integration tests: spawning the real binary with
+//! deadlines and kill-on-drop guards, feeding stdin from a thread, capturing
+//! stdout and stderr, and a fault proxy that resets connections.
+
+#![allow(dead_code, reason = "each test uses a different subset")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+/// The longest any process in a test may run.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_viamillipede")
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A spawned viamillipede: killed on drop, stderr collected line by line.
+pub struct Proc {
+    pub name: String,
+    pid: u32,
+    exit: Receiver<ExitStatus>,
+    status: Option<ExitStatus>,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr_done: Option<JoinHandle<()>>,
+    pub stdin: Option<ChildStdin>,
+    started: Instant,
+}
+
+/// How stdout is handled.
+pub enum Out {
+    /// Collected into memory (see `Proc::output`).
+    Collect,
+    /// Given to the test to read (and maybe close).
+    Pipe,
+}
+
+impl Proc {
+    /// Spawns the binary with `args`; stdin is piped.
+    pub fn spawn(name: &str, args: &[&str], out: Out) -> (Proc, Option<std::process::ChildStdout>) {
+        let mut child: Child = Command::new(bin())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (line_tx, lines) = crossbeam_channel::unbounded();
+        let text = Arc::new(Mutex::new(String::new()));
+        let stderr_done = {
+            let text = Arc::clone(&text);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    text.lock().unwrap().push_str(&format!("{line}\n"));
+                    let _ = line_tx.send(line);
+                }
+            })
+        };
+        let (collected, piped) = match out {
+            Out::Collect => (
+                Some(std::thread::spawn(move || {
+                    let mut v = Vec::new();
+                    let mut stdout = stdout;
+                    let _ = stdout.read_to_end(&mut v);
+                    v
+                })),
+                None,
+            ),
+            Out::Pipe => (None, Some(stdout)),
+        };
+        let pid = child.id();
+        let (exit_tx, exit) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            if let Ok(s) = child.wait() {
+                let _ = exit_tx.send(s);
+            }
+        });
+        let proc = Proc {
+            name: name.to_string(),
+            pid,
+            exit,
+            status: None,
+            lines,
+            stderr: text,
+            stdout: collected,
+            stderr_done: Some(stderr_done),
+            stdin,
+            started: Instant::now(),
+        };
+        (proc, piped)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Everything written to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for a stderr line containing `needle`; panics at the deadline.
+    pub fn wait_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "{}: no stderr line with {needle:?} within {within:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the exit; panics (after killing it) at the deadline.
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        match self.exit.recv_timeout(within) {
+            Ok(s) => {
+                self.status = Some(s);
+                // All of stderr is read once the process has exited.
+                if let Some(h) = self.stderr_done.take() {
+                    let _ = h.join();
+                }
+                s
+            }
+            Err(_) => {
+                self.kill();
+                panic!(
+                    "{}: still running after {within:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                );
+            }
+        }
+    }
+
+    /// Waits for the exit and returns the collected stdout.
+    pub fn output(&mut self) -> (ExitStatus, Vec<u8>) {
+        self.stdin.take();
+        let status = self.wait(DEADLINE);
+        let out = self
+            .stdout
+            .take()
+            .map(|h| h.join().expect("stdout thread"))
+            .unwrap_or_default();
+        (status, out)
+    }
+
+    /// Sends a signal by name (`USR1`, `KILL`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -{sig} {} failed", self.pid);
+    }
+
+    fn kill(&mut self) {
+        if self.status.is_none() && self.exit.try_recv().is_err() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.pid.to_string())
+                .status();
+            self.status = self.exit.recv_timeout(Duration::from_secs(5)).ok();
+        }
+    }
+
+    /// Seconds since spawn.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `rx 0 extra...` collecting stdout; returns it with its port.
+pub fn rx(extra: &[&str]) -> (Proc, u16) {
+    let mut args = vec!["rx", "0"];
+    args.extend_from_slice(extra);
+    let (p, _) = Proc::spawn("rx", &args, Out::Collect);
+    let port = port_of(&p);
+    (p, port)
+}
+
+/// Reads the port from rx's `listening on` line.
+pub fn port_of(p: &Proc) -> u16 {
+    let line = p.wait_line("listening on", Duration::from_secs(10));
+    line.rsplit(':')
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// Starts tx with `args`, feeding `input` then closing stdin.
+pub fn tx(args: &[&str], input: Arc<Vec<u8>>) -> Proc {
+    let (mut p, _) = Proc::spawn("tx", args, Out::Collect);
+    let mut stdin = p.stdin.take().expect("stdin");
+    std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    p
+}
+
+/// Starts tx and returns a sender for stdin chunks; dropping it ends stdin.
+pub fn tx_fed(args: &[&str]) -> (Proc, Sender<Vec<u8>>) {
+    let (mut p, _) = Proc::spawn("tx", args, Out::Collect);
+    let mut stdin = p.stdin.take().expect("stdin");
+    let (chunks, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+    std::thread::spawn(move || {
+        for c in rx {
+            if stdin.write_all(&c).is_err() {
+                break;
+            }
+        }
+    });
+    (p, chunks)
+}
+
+/// Asserts equal bytes without printing megabytes.
+pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: output differs: got {} bytes, want {}, first difference at {first}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// A TCP proxy that resets each connection after it has forwarded a number
+/// of bytes (sender to receiver), to test retransmission.
+pub struct FaultProxy {
+    pub port: u16,
+    pub resets: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    /// Forwards to `127.0.0.1:upstream`; the n-th connection is reset after
+    /// `budget(n)` bytes (None: never).
+    pub fn start(
+        upstream: u16,
+        budget: impl Fn(u64) -> Option<u64> + Send + 'static,
+    ) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let resets = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (resets, stop) = (Arc::clone(&resets), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                for (n, client) in listener.incoming().enumerate() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        continue;
+                    };
+                    let limit = budget(n as u64);
+                    let resets = Arc::clone(&resets);
+                    std::thread::spawn(move || pump(client, server, limit, &resets));
+                }
+            });
+        }
+        FaultProxy { port, resets, stop }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn reset(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+    let _ = s.shutdown(Shutdown::Read);
+}
+
+fn pump(client: TcpStream, server: TcpStream, limit: Option<u64>, resets: &AtomicU64) {
+    let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let back = std::thread::spawn(move || {
+        let (mut from, mut to) = (s2, c2);
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Write);
+    });
+    let (mut from, mut to) = (client, server);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut sent = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown(Shutdown::Write);
+                break;
+            }
+            Ok(n) => n,
+        };
+        let n = match limit {
+            Some(l) if sent + n as u64 >= l => {
+                // Forward part of the frame, then reset both sides mid-stream.
+                let cut = (l - sent) as usize;
+                let _ = to.write_all(&buf[..cut]);
+                resets.fetch_add(1, Ordering::Relaxed);
+                reset(&from);
+                reset(&to);
+                break;
+            }
+            _ => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        sent += n as u64;
+    }
+    let _ = back.join();
+}
