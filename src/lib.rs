@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod net;
+pub mod pool;
 pub mod protocol;
 pub mod reorder;
 pub mod rx;

@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 
 /// A received foot waiting for its turn.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Ready {
+pub struct Ready<T> {
     /// The foot's id.
     pub id: u64,
     /// Its payload.
-    pub data: Vec<u8>,
+    pub data: T,
     /// Whether it ends the stream.
     pub end: bool,
 }
@@ -27,18 +27,28 @@ pub enum Pushed {
     Duplicate,
 }
 
-/// Feet that arrived ahead of their turn.
-#[derive(Debug, Default)]
-pub struct Reorder {
+/// Feet that arrived ahead of their turn; `T` is the payload type.
+#[derive(Debug)]
+pub struct Reorder<T> {
     next: u64,
-    waiting: BTreeMap<u64, (Vec<u8>, bool)>,
+    waiting: BTreeMap<u64, (T, bool)>,
     bytes: usize,
 }
 
-impl Reorder {
+impl<T: AsRef<[u8]>> Default for Reorder<T> {
+    fn default() -> Self {
+        Reorder::new()
+    }
+}
+
+impl<T: AsRef<[u8]>> Reorder<T> {
     /// An empty buffer expecting foot 0.
-    pub fn new() -> Reorder {
-        Reorder::default()
+    pub fn new() -> Reorder<T> {
+        Reorder {
+            next: 0,
+            waiting: BTreeMap::new(),
+            bytes: 0,
+        }
     }
 
     /// The id of the next foot to be written.
@@ -62,23 +72,23 @@ impl Reorder {
     }
 
     /// Stores a foot unless it was seen before.
-    pub fn push(&mut self, id: u64, data: Vec<u8>, end: bool) -> Pushed {
+    pub fn push(&mut self, id: u64, data: T, end: bool) -> Pushed {
         if id < self.next || self.waiting.contains_key(&id) {
             return Pushed::Duplicate;
         }
-        self.bytes += data.len();
+        self.bytes += data.as_ref().len();
         self.waiting.insert(id, (data, end));
         Pushed::Stored
     }
 
     /// Takes the next foot in sequence, if it has arrived.
-    pub fn pop_ready(&mut self) -> Option<Ready> {
+    pub fn pop_ready(&mut self) -> Option<Ready<T>> {
         let entry = self.waiting.first_entry()?;
         if *entry.key() != self.next {
             return None;
         }
         let (id, (data, end)) = entry.remove_entry();
-        self.bytes -= data.len();
+        self.bytes -= data.as_ref().len();
         self.next += 1;
         Some(Ready { id, data, end })
     }
@@ -89,13 +99,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn drain(r: &mut Reorder) -> Vec<u64> {
+    fn drain(r: &mut Reorder<Vec<u8>>) -> Vec<u64> {
         std::iter::from_fn(|| r.pop_ready().map(|f| f.id)).collect()
     }
 
     #[test]
     fn in_order_feet_pass_straight_through() {
-        let mut r = Reorder::new();
+        let mut r: Reorder<Vec<u8>> = Reorder::new();
         for id in 0..5 {
             assert_eq!(r.push(id, vec![id as u8], id == 4), Pushed::Stored);
             let f = r.pop_ready().unwrap();
@@ -106,7 +116,7 @@ mod tests {
 
     #[test]
     fn a_gap_holds_back_later_feet() {
-        let mut r = Reorder::new();
+        let mut r: Reorder<Vec<u8>> = Reorder::new();
         r.push(1, vec![1; 10], false);
         r.push(2, vec![2; 10], false);
         assert_eq!(r.pop_ready(), None);
@@ -118,7 +128,7 @@ mod tests {
 
     #[test]
     fn duplicates_are_dropped_before_and_after_writing() {
-        let mut r = Reorder::new();
+        let mut r: Reorder<Vec<u8>> = Reorder::new();
         assert_eq!(r.push(1, vec![1], false), Pushed::Stored);
         assert_eq!(r.push(1, vec![9], false), Pushed::Duplicate);
         r.push(0, vec![0], false);
@@ -133,7 +143,7 @@ mod tests {
             ids in Just((0u64..200).collect::<Vec<_>>()).prop_shuffle(),
             dups in proptest::collection::vec(0u64..200, 0..100),
         ) {
-            let mut r = Reorder::new();
+            let mut r: Reorder<Vec<u8>> = Reorder::new();
             let mut out = Vec::new();
             let mut all: Vec<u64> = ids.clone();
             // Duplicates arrive interleaved with the originals.

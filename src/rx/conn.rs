@@ -152,6 +152,7 @@ fn receive(
     conn: &super::state::Conn,
     feet: &Sender<Arrived>,
 ) -> io::Result<()> {
+    let pool = state.pool(session);
     loop {
         let h = match wire::read_header(stream, session.foot_size) {
             Ok(h) => h,
@@ -173,7 +174,8 @@ fn receive(
                 h.id, session.window
             )));
         }
-        let data = wire::read_payload(stream, h.len)?;
+        let mut data = pool.take();
+        wire::read_payload_into(stream, h.len, data.vec_mut())?;
         let len = data.len();
         if feet
             .send(Arrived {

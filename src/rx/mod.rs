@@ -36,7 +36,7 @@ pub struct Arrived {
     /// Its id.
     pub id: u64,
     /// Its payload.
-    pub data: Vec<u8>,
+    pub data: crate::pool::Buffer,
     /// Whether it ends the stream.
     pub end: bool,
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 /// Writes feet from `feet` to `out` in order until the stream ends.
 pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: Sender<Event>) {
-    let mut reorder = Reorder::new();
+    let mut reorder: Reorder<crate::pool::Buffer> = Reorder::new();
     let mut end: Option<u64> = None;
     for foot in feet {
         if end.is_some_and(|e| foot.id > e) {

@@ -3,13 +3,14 @@
 //! whether the stream has ended.
 
 use crate::config::Config;
+use crate::pool::Pool;
 use crate::protocol::{Header, Hello, Kind, Reason, Reply, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
 use crate::stats::{Clock, Link};
 use crate::wire;
 use std::collections::BTreeMap;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// The stream a receiver serves: fixed by the first accepted handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +73,7 @@ pub struct State {
     pub handshaking: AtomicUsize,
     /// Throughput clock.
     pub clock: Clock,
+    pool: OnceLock<Pool>,
 }
 
 /// The verdict on a handshake.
@@ -100,6 +102,7 @@ impl State {
             refused: AtomicU64::new(0),
             handshaking: AtomicUsize::new(0),
             clock: Clock::new(),
+            pool: OnceLock::new(),
         }
     }
 
@@ -163,6 +166,14 @@ impl State {
             Progress::Complete(bytes) => Admission::Complete(bytes),
             Progress::Failed(msg) => reject(Reason::Failed, msg),
         }
+    }
+
+    /// The session's foot buffers: as many as the window holds, so the
+    /// pool adds nothing to the memory bound.
+    pub fn pool(&self, session: Session) -> Pool {
+        self.pool
+            .get_or_init(|| Pool::new(session.window as usize, session.foot_size as usize))
+            .clone()
     }
 
     /// Where the stream stands.

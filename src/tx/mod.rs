@@ -10,6 +10,7 @@ mod worker;
 
 use crate::config::{Config, Destination};
 use crate::error::{Error, Result};
+use crate::pool::Pool;
 use crate::signals::Reporter;
 use crate::stats::{human_bytes, Clock, Link};
 use crate::Summary;
@@ -131,13 +132,15 @@ pub fn send(
 
 /// Cuts the input into feet and admits them to the window.
 fn ingest(mut input: impl Read, foot_size: u32, window: &Window, read: &AtomicU64) {
+    // One buffer more than the window: the one being filled.
+    let pool = Pool::new(window.size() as usize + 1, foot_size as usize);
     for id in 0.. {
-        let mut data = Vec::with_capacity(foot_size as usize);
+        let mut data = pool.take();
         // `take` + `read_to_end` fills the foot completely unless the input
         // ends, so feet are full-size however short the pipe's reads are.
         if let Err(e) = (&mut input)
             .take(u64::from(foot_size))
-            .read_to_end(&mut data)
+            .read_to_end(data.vec_mut())
         {
             window.finish(Err(Error::io("read stdin", e)));
             return;

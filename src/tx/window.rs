@@ -15,6 +15,7 @@
 //! which re-check their condition; there is no polling.
 
 use crate::error::Error;
+use crate::pool::Buffer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ pub struct Foot {
     /// Sequence number, from 0.
     pub id: u64,
     /// The payload.
-    pub data: Vec<u8>,
+    pub data: Buffer,
     /// Whether it ends the stream.
     pub end: bool,
 }
@@ -326,7 +327,7 @@ mod tests {
     fn foot(id: u64) -> Foot {
         Foot {
             id,
-            data: vec![id as u8],
+            data: vec![id as u8].into(),
             end: false,
         }
     }
