@@ -186,10 +186,13 @@ struct Run {
 
 /// One tool: how to start its receiver (writing `out`) and its sender
 /// (reading `inp`) on `port`.
+/// Builds a shell command from a port and a file.
+type CommandLine = Box<dyn Fn(u16, &Path) -> String>;
+
 struct Tool {
     name: String,
-    rx: Box<dyn Fn(u16, &Path) -> String>,
-    tx: Box<dyn Fn(u16, &Path) -> String>,
+    rx: CommandLine,
+    tx: CommandLine,
     reports_port: bool,
 }
 

@@ -98,10 +98,12 @@ fn three_ranked_destinations() {
 
 #[test]
 fn a_preferred_destination_carries_the_stream_when_it_keeps_up() {
-    // A source slower than the first destination: the second one idles.
-    let (mut r, port) = rx(&[]);
-    let p = port.to_string();
-    let (mut t, feed) = tx_fed(&[
+    // A source paced by the receiver's output: each foot is sent only once
+    // the one before it is written, so the first destination always has
+    // room and the second must never be given a foot.
+    let (mut r, mut stdout) = Proc::spawn("rx", &["rx", "0"], Out::Pipe);
+    let p = port_of(&r).to_string();
+    let args = [
         "tx",
         "127.0.0.1",
         &p,
@@ -112,26 +114,36 @@ fn a_preferred_destination_carries_the_stream_when_it_keeps_up() {
         "2",
         "verbose",
         "1",
-    ]);
-    let input = data(8 * 64 << 10, 5);
+        "--foot-size",
+        "64K",
+    ];
+    let (mut t, feed) = tx_fed(&args);
+    let input = data(20 * (64 << 10), 5);
+    let stdout = stdout.as_mut().unwrap();
+    let mut got = vec![0u8; 64 << 10];
     for chunk in input.chunks(64 << 10) {
         feed.send(chunk.to_vec()).unwrap();
+        stdout.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..], chunk);
     }
     drop(feed);
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "{}\n{}",
-        t.stderr(),
-        r.stderr()
+    assert_eq!(
+        stdout.read(&mut got).unwrap(),
+        0,
+        "output continues past the input"
     );
-    assert_same(&out, &input, "preferred destination");
+    assert!(t.wait(DEADLINE).success(), "{}", t.stderr());
+    assert!(r.wait(DEADLINE).success(), "{}", r.stderr());
     let err = t.stderr();
     let second: Vec<&str> = err
         .lines()
         .filter(|l| l.contains("127.0.0.2:") && l.contains("worker-"))
         .collect();
+    assert_eq!(
+        second.len(),
+        2,
+        "no report lines for the second destination:\n{err}"
+    );
     assert!(
         second.iter().all(|l| l.contains(" 0 feet")),
         "second destination carried feet:\n{err}"
@@ -142,10 +154,10 @@ fn a_preferred_destination_carries_the_stream_when_it_keeps_up() {
 fn connections_reset_mid_stream_lose_nothing() {
     let input = Arc::new(data(64 << 20, 13));
     let (mut r, port) = rx(&[]);
-    // Every connection but every fifth is reset after 0.5-2.5 MiB of traffic.
-    let proxy = FaultProxy::start(port, |n| {
-        (n % 5 != 4).then_some((512 << 10) + (n * 777_777) % (2 << 20))
-    });
+    // Every connection is reset after 1-7 MiB of traffic, mostly in the
+    // middle of a foot; most still deliver a foot or more, so the stream
+    // progresses.
+    let proxy = FaultProxy::start(port, |n| Some((1 << 20) + (n * 777_777) % (6 << 20)));
     let pp = proxy.port.to_string();
     let mut t = tx(
         &["tx", "127.0.0.1", &pp, "threads", "4", "verbose", "1"],
@@ -161,7 +173,8 @@ fn connections_reset_mid_stream_lose_nothing() {
     );
     assert_same(&out, &input, "through the fault proxy");
     let resets = proxy.resets.load(Ordering::Relaxed);
-    assert!(resets >= 10, "only {resets} resets happened");
+    eprintln!("fault proxy: {resets} connections reset");
+    assert!(resets >= 15, "only {resets} resets happened");
     let err = t.stderr();
     assert!(
         !err.contains("retransmitted feet 0,"),
