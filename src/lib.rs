@@ -32,6 +32,8 @@ pub struct Summary {
     pub bytes: u64,
     /// Time taken.
     pub elapsed: Duration,
+    /// Wing-specific counters for the summary line ("3 retransmitted feet").
+    pub detail: String,
 }
 
 /// Runs the wing the configuration asks for.

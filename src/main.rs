@@ -20,10 +20,11 @@ fn main() -> ExitCode {
     match viamillipede::run(&config) {
         Ok(summary) => {
             log::info!(
-                "done: {} in {:.2} s ({})",
+                "done: {} in {:.2} s, {}; {}",
                 human_bytes(summary.bytes),
                 summary.elapsed.as_secs_f64(),
-                rate(summary.bytes, summary.elapsed)
+                rate(summary.bytes, summary.elapsed),
+                summary.detail
             );
             ExitCode::SUCCESS
         }

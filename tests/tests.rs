@@ -113,7 +113,7 @@ fn a_preferred_destination_carries_the_stream_when_it_keeps_up() {
         "threads",
         "2",
         "verbose",
-        "1",
+        "2",
         "--foot-size",
         "64K",
     ];
@@ -160,7 +160,7 @@ fn connections_reset_mid_stream_lose_nothing() {
     let proxy = FaultProxy::start(port, |n| Some((1 << 20) + (n * 777_777) % (6 << 20)));
     let pp = proxy.port.to_string();
     let mut t = tx(
-        &["tx", "127.0.0.1", &pp, "threads", "4", "verbose", "1"],
+        &["tx", "127.0.0.1", &pp, "threads", "4", "verbose", "2"],
         Arc::clone(&input),
     );
     let (ts, _) = t.output();
@@ -180,6 +180,53 @@ fn connections_reset_mid_stream_lose_nothing() {
         !err.contains("retransmitted feet 0,"),
         "no foot was retransmitted:\n{err}"
     );
+}
+
+#[test]
+fn an_unreachable_first_destination_is_skipped() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap().port().to_string();
+    drop(closed);
+    let (mut r, port) = rx(&[]);
+    let p = port.to_string();
+    let input = Arc::new(data(6 * FOOT + 1, 19));
+    let args = [
+        "tx",
+        "127.0.0.1",
+        &dead,
+        "tx",
+        "127.0.0.1",
+        &p,
+        "threads",
+        "2",
+        "verbose",
+        "2",
+    ];
+    let mut t = tx(&args, Arc::clone(&input));
+    let (ts, _) = t.output();
+    let (rs, out) = r.output();
+    assert!(
+        ts.success() && rs.success(),
+        "{}\n{}",
+        t.stderr(),
+        r.stderr()
+    );
+    assert_same(&out, &input, "past a dead destination");
+    assert!(
+        t.stderr().contains("refused"),
+        "no failed attempt logged:\n{}",
+        t.stderr()
+    );
+}
+
+#[test]
+fn a_failing_stdin_fails_tx_with_the_reason() {
+    let (_r, port) = rx(&[]);
+    let p = port.to_string();
+    let dir = std::fs::File::open("/").expect("open /");
+    let (mut t, _) = Proc::spawn_with("tx", &["tx", "127.0.0.1", &p], Out::Collect, dir.into());
+    assert_eq!(t.wait(Duration::from_secs(20)).code(), Some(1));
+    assert!(t.stderr().contains("read stdin"), "{}", t.stderr());
 }
 
 #[test]
@@ -423,12 +470,12 @@ fn legacy_and_dashed_syntax_behave_the_same() {
     let input = data(FOOT * 2 + 99, 43);
     let (legacy_tx, _) = transfer(
         input.clone(),
-        &["threads", "2", "verbose", "1", "checkphrase", "wxyz"],
+        &["threads", "2", "verbose", "2", "checkphrase", "wxyz"],
         &["checkphrase", "wxyz"],
     );
     let (dashed_tx, _) = transfer(
         input,
-        &["--threads", "2", "--verbose", "1", "--checkphrase", "wxyz"],
+        &["--threads", "2", "--verbose", "2", "--checkphrase", "wxyz"],
         &["--checkphrase", "wxyz"],
     );
     for err in [legacy_tx, dashed_tx] {

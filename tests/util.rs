@@ -61,10 +61,20 @@ pub enum Out {
 impl Proc {
     /// Spawns the binary with `args`; stdin is piped.
     pub fn spawn(name: &str, args: &[&str], out: Out) -> (Proc, Option<std::process::ChildStdout>) {
+        Proc::spawn_with(name, args, out, Stdio::piped())
+    }
+
+    /// Spawns the binary with `args` and the given stdin.
+    pub fn spawn_with(
+        name: &str,
+        args: &[&str],
+        out: Out,
+        stdin: Stdio,
+    ) -> (Proc, Option<std::process::ChildStdout>) {
         let mut child: Child = Command::new(bin())
             .args(args)
             .env_remove("RUST_LOG")
-            .stdin(Stdio::piped())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

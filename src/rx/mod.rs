@@ -148,13 +148,19 @@ pub fn receive(
             Err(_) => break,
         }
     }
-    if config.verbose >= 1 {
-        log::info!("{}", report(&state).trim_end());
+    if config.verbose >= 2 {
+        log::debug!("{}", report(&state).trim_end());
     }
     let bytes = outcome?;
+    let detail = format!(
+        "{} duplicate feet, {} connections refused",
+        state.duplicates.load(Ordering::Relaxed),
+        state.refused.load(Ordering::Relaxed)
+    );
     Ok(Summary {
         bytes,
         elapsed: state.clock.elapsed(),
+        detail,
     })
 }
 

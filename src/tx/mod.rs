@@ -115,8 +115,8 @@ pub fn send(
     while exit_rx.recv_deadline(deadline).is_ok() {}
 
     let sent = read.load(Relaxed);
-    if config.verbose >= 1 {
-        log::info!("{}", report(&window, &links, &clock, sent).trim_end());
+    if config.verbose >= 2 {
+        log::debug!("{}", report(&window, &links, &clock, sent).trim_end());
     }
     let bytes = outcome?;
     if bytes != sent {
@@ -124,9 +124,15 @@ pub fn send(
             "receiver confirmed {bytes} bytes, but {sent} were sent"
         )));
     }
+    let reconnects: u64 = links.iter().map(Link::reconnects).sum();
+    let detail = format!(
+        "{} retransmitted feet, {reconnects} reconnects",
+        window.snapshot().retransmits
+    );
     Ok(Summary {
         bytes,
         elapsed: clock.elapsed(),
+        detail,
     })
 }
 
