@@ -20,11 +20,7 @@ fn transfer(input: Vec<u8>, tx_extra: &[&str], rx_extra: &[&str]) -> (String, St
     let mut args = vec!["tx", "127.0.0.1", &port];
     args.extend_from_slice(tx_extra);
     let mut t = tx(&args, Arc::clone(&input));
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(ts.success(), "tx failed: {ts}\n{}", t.stderr());
-    assert!(rs.success(), "rx failed: {rs}\n{}", r.stderr());
-    assert_same(&out, &input, "transfer");
+    expect_delivered(&mut t, &mut r, &input, "transfer");
     (t.stderr(), r.stderr())
 }
 
@@ -77,15 +73,7 @@ fn three_ranked_destinations() {
         "1",
     ];
     let mut t = tx(&args, Arc::clone(&input));
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "tx {ts} rx {rs}\n{}\n{}",
-        t.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "three destinations");
+    expect_delivered(&mut t, &mut r, &input, "three destinations");
     // Every destination was connected, including the second address.
     let err = t.stderr();
     for dest in ["127.0.0.1", "127.0.0.2", "localhost"] {
@@ -163,15 +151,7 @@ fn connections_reset_mid_stream_lose_nothing() {
         &["tx", "127.0.0.1", &pp, "threads", "4", "verbose", "2"],
         Arc::clone(&input),
     );
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "tx {ts} rx {rs}\n{}\n{}",
-        t.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "through the fault proxy");
+    expect_delivered(&mut t, &mut r, &input, "through the fault proxy");
     let resets = proxy.resets.load(Ordering::Relaxed);
     eprintln!("fault proxy: {resets} connections reset");
     assert!(resets >= 15, "only {resets} resets happened");
@@ -203,15 +183,7 @@ fn an_unreachable_first_destination_is_skipped() {
         "2",
     ];
     let mut t = tx(&args, Arc::clone(&input));
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "{}\n{}",
-        t.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "past a dead destination");
+    expect_delivered(&mut t, &mut r, &input, "past a dead destination");
     assert!(
         t.stderr().contains("refused"),
         "no failed attempt logged:\n{}",
@@ -243,15 +215,7 @@ fn rx_started_after_tx() {
     );
     t.wait_line("connect to localhost", Duration::from_secs(20));
     let (mut r, _) = Proc::spawn("rx", &["rx", &p], Out::Collect);
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "{}\n{}",
-        t.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "rx started late");
+    expect_delivered(&mut t, &mut r, &input, "rx started late");
 }
 
 #[test]
@@ -336,15 +300,7 @@ fn garbage_and_half_open_connections_do_not_disturb_the_stream() {
             "half-open connection kept"
         );
     }
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "{}\n{}",
-        t.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "with garbage around");
+    expect_delivered(&mut t, &mut r, &input, "with garbage around");
     assert!(
         r.stderr().contains("not a viamillipede handshake"),
         "{}",
@@ -372,15 +328,7 @@ fn a_second_session_is_refused_while_a_stream_runs() {
 
     feed.send(input[FOOT..].to_vec()).unwrap();
     drop(feed);
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "{}\n{}",
-        t.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "first session");
+    expect_delivered(&mut t, &mut r, &input, "first session");
 }
 
 #[test]
@@ -402,15 +350,7 @@ fn a_wrong_checkphrase_is_refused_and_rx_keeps_waiting() {
         &["--tx", &format!("127.0.0.1:{p}"), "--checkphrase", "abcd"],
         Arc::clone(&input),
     );
-    let (ts, _) = right.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "{}\n{}",
-        right.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "after a refused sender");
+    expect_delivered(&mut right, &mut r, &input, "after a refused sender");
 }
 
 #[test]
@@ -431,15 +371,7 @@ fn sigusr1_reports_without_disturbing_stdout() {
     r.wait_line("reorder buffer", Duration::from_secs(10));
     feed.send(input[2 * FOOT..].to_vec()).unwrap();
     drop(feed);
-    let (ts, _) = t.output();
-    let (rs, out) = r.output();
-    assert!(
-        ts.success() && rs.success(),
-        "{}\n{}",
-        t.stderr(),
-        r.stderr()
-    );
-    assert_same(&out, &input, "with reports");
+    expect_delivered(&mut t, &mut r, &input, "with reports");
 }
 
 #[test]

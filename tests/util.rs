@@ -266,6 +266,15 @@ pub fn tx_fed(args: &[&str]) -> (Proc, Sender<Vec<u8>>) {
     (p, chunks)
 }
 
+/// Waits for both sides and checks they succeeded and `rx` wrote `want`.
+pub fn expect_delivered(tx: &mut Proc, rx: &mut Proc, want: &[u8], what: &str) {
+    let (ts, _) = tx.output();
+    let (rs, out) = rx.output();
+    assert!(ts.success(), "{what}: tx failed: {ts}\n{}", tx.stderr());
+    assert!(rs.success(), "{what}: rx failed: {rs}\n{}", rx.stderr());
+    assert_same(&out, want, what);
+}
+
 /// Asserts equal bytes without printing megabytes.
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
