@@ -9,6 +9,12 @@ use std::time::Duration;
 
 const BACKLOG: i32 = 1024;
 
+/// How long sent data may stay unacknowledged by the peer's TCP before the
+/// connection is aborted: a path that goes dark without a reset would
+/// otherwise hold its connection's feet for the kernel's ~15 minutes.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const USER_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Binds a listener; with no address, on every IPv6 and IPv4 address (one
 /// dual-stack socket), falling back to IPv4 alone where IPv6 is missing.
 pub fn listen(addr: Option<&str>, port: u16) -> io::Result<TcpListener> {
@@ -58,8 +64,9 @@ pub fn connect(dest: &Destination, timeout: Duration) -> io::Result<TcpStream> {
 }
 
 /// Options for every data connection: no Nagle delay (acknowledgements are
-/// small and time-critical; feet are large writes anyway) and keepalives,
-/// so a silently dead peer is noticed.
+/// small and time-critical; feet are large writes anyway), keepalives so a
+/// silently dead peer is noticed, and (on Linux) a limit on how long sent
+/// data may go unacknowledged.
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
     let sock = socket2::SockRef::from(stream);
     sock.set_nodelay(true)?;
@@ -74,6 +81,8 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
         .with_interval(Duration::from_secs(5))
         .with_retries(3);
     sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
     Ok(())
 }
 

@@ -202,6 +202,31 @@ fn a_failing_stdin_fails_tx_with_the_reason() {
 }
 
 #[test]
+fn destinations_leading_to_different_receivers_are_refused() {
+    let (_r1, port1) = rx(&[]);
+    let (_r2, port2) = rx(&[]);
+    let (p1, p2) = (port1.to_string(), port2.to_string());
+    let args = [
+        "tx",
+        "127.0.0.1",
+        &p1,
+        "tx",
+        "127.0.0.1",
+        &p2,
+        "threads",
+        "1",
+    ];
+    let mut t = tx(&args, Arc::new(data(3 * FOOT, 47)));
+    assert_eq!(t.wait(Duration::from_secs(20)).code(), Some(1));
+    assert!(
+        t.stderr()
+            .contains("not the receiver the stream started with"),
+        "{}",
+        t.stderr()
+    );
+}
+
+#[test]
 fn rx_started_after_tx() {
     let port = {
         let l = std::net::TcpListener::bind("[::]:0").expect("bind");

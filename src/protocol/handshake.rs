@@ -5,9 +5,10 @@
 //!   magic "VIAMPEDE" [8] | version u16 | flags u16 | checkphrase [4]
 //!   | session id [16] | foot size u32 | window u32 | worker u16
 //!   | extension length u16 | extension [..]
-//! Reply (26 bytes + message + extension):
+//! Reply (34 bytes + message + extension):
 //!   magic "VIAMPEDE" [8] | version u16 | status u8 | reason u8 | flags u16
-//!   | delivered u64 | message length u16 | extension length u16
+//!   | delivered u64 | receiver id [8] | message length u16
+//!   | extension length u16
 //!   | message (UTF-8) [..] | extension [..]
 //! ```
 //!
@@ -29,7 +30,7 @@ pub const VERSION: u16 = 1;
 pub const HELLO_FIXED_LEN: usize = 44;
 
 /// Length of a [`Reply`] without its message and extension.
-pub const REPLY_FIXED_LEN: usize = 26;
+pub const REPLY_FIXED_LEN: usize = 34;
 
 /// tx's opening message on every connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +108,9 @@ pub struct Reply {
     pub flags: u16,
     /// Every foot below this id has been written by the receiver.
     pub delivered: u64,
+    /// Random id of the receiving process, so tx can tell that all its
+    /// destinations reach the same receiver, and that it was not restarted.
+    pub receiver: [u8; 8],
     /// A human-readable explanation.
     pub message: String,
     /// Opaque extension data (reserved; empty in version 1).
@@ -229,6 +233,7 @@ impl Reply {
             reason,
             flags: 0,
             delivered,
+            receiver: [0; 8],
             message,
             extension: Vec::new(),
         }
@@ -245,6 +250,7 @@ impl Reply {
         out.push(self.reason as u8);
         out.extend_from_slice(&self.flags.to_be_bytes());
         out.extend_from_slice(&self.delivered.to_be_bytes());
+        out.extend_from_slice(&self.receiver);
         out.extend_from_slice(&(message.len() as u16).to_be_bytes());
         out.extend_from_slice(&(self.extension.len() as u16).to_be_bytes());
         out.extend_from_slice(message.as_bytes());
@@ -260,8 +266,8 @@ impl Reply {
             2 => Status::Reject,
             _ => return Err(HandshakeError::Invalid("unknown status")),
         };
-        let msg_len = be_u16(b, 22) as usize;
-        let ext_len = be_u16(b, 24) as usize;
+        let msg_len = be_u16(b, 30) as usize;
+        let ext_len = be_u16(b, 32) as usize;
         if msg_len > MAX_MESSAGE {
             return Err(HandshakeError::Invalid("message too long"));
         }
@@ -278,6 +284,7 @@ impl Reply {
             reason: Reason::from_u8(b[11]),
             flags: be_u16(b, 12),
             delivered: be_u64(b, 14),
+            receiver: b[22..30].try_into().expect("8 bytes"),
             message: String::from_utf8_lossy(&b[REPLY_FIXED_LEN..msg_end]).into_owned(),
             extension: b[msg_end..need].to_vec(),
         };
@@ -375,16 +382,19 @@ mod tests {
         assert_eq!(d.message, truncate_utf8(&long, MAX_MESSAGE));
         assert!(d.message.len() <= MAX_MESSAGE);
 
+        let mut accept = Reply::accept(42);
+        accept.receiver = *b"rx-12345";
         let mut b = Vec::new();
-        Reply::accept(42).encode(&mut b);
-        assert_eq!(Reply::decode(&b).unwrap().0, Reply::accept(42));
+        accept.encode(&mut b);
+        assert_eq!(b.len(), REPLY_FIXED_LEN);
+        assert_eq!(Reply::decode(&b).unwrap().0, accept);
     }
 
     #[test]
     fn reply_with_oversize_fields_is_rejected() {
         let mut b = Vec::new();
         Reply::accept(0).encode(&mut b);
-        b[22..24].copy_from_slice(&u16::MAX.to_be_bytes());
+        b[30..32].copy_from_slice(&u16::MAX.to_be_bytes());
         assert_eq!(
             Reply::decode(&b),
             Err(HandshakeError::Invalid("message too long"))

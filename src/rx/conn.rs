@@ -85,7 +85,7 @@ fn handshake(
                 crate::protocol::VERSION
             );
             log::warn!("{peer}: refused: {msg}");
-            reply(stream, &Reply::reject(Reason::Version, msg));
+            reply(state, stream, &Reply::reject(Reason::Version, msg));
             return None;
         }
         Err(HandshakeError::Io(kind, e)) => {
@@ -106,7 +106,7 @@ fn handshake(
     };
     match state.admit(&hello) {
         Admission::Accept(session, delivered) => {
-            if !reply(stream, &Reply::accept(delivered)) {
+            if !reply(state, stream, &Reply::accept(delivered)) {
                 return None;
             }
             let ok = stream.set_read_timeout(None).is_ok()
@@ -116,6 +116,7 @@ fn handshake(
         }
         Admission::Complete(bytes) => {
             reply(
+                state,
                 stream,
                 &Reply::new(
                     Status::Complete,
@@ -128,13 +129,16 @@ fn handshake(
         }
         Admission::Reject(r) => {
             log::warn!("{peer}: refused: {}", r.message);
-            reply(stream, &r);
+            reply(state, stream, &r);
             None
         }
     }
 }
 
-fn reply(stream: &mut TcpStream, r: &Reply) -> bool {
+/// Sends a reply, stamped with this receiver's id.
+fn reply(state: &State, stream: &mut TcpStream, r: &Reply) -> bool {
+    let mut r = r.clone();
+    r.receiver = state.receiver;
     let mut buf = Vec::new();
     r.encode(&mut buf);
     stream.write_all(&buf).is_ok()

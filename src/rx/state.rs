@@ -74,6 +74,8 @@ pub struct State {
     /// Throughput clock.
     pub clock: Clock,
     pool: OnceLock<Pool>,
+    /// This process's random id, sent in every reply.
+    pub receiver: [u8; 8],
 }
 
 /// The verdict on a handshake.
@@ -84,6 +86,20 @@ pub enum Admission {
     Complete(u64),
     /// Refuse it.
     Reject(Reply),
+}
+
+/// A random receiver id; a fixed one if the system has no randomness,
+/// which only weakens tx's check for a restarted receiver.
+fn random_id() -> [u8; 8] {
+    let mut id = [0u8; 8];
+    if getrandom::getrandom(&mut id).is_err() {
+        id = std::process::id()
+            .to_be_bytes()
+            .repeat(2)
+            .try_into()
+            .unwrap_or_default();
+    }
+    id
 }
 
 impl State {
@@ -103,6 +119,7 @@ impl State {
             handshaking: AtomicUsize::new(0),
             clock: Clock::new(),
             pool: OnceLock::new(),
+            receiver: random_id(),
         }
     }
 

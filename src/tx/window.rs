@@ -62,6 +62,7 @@ struct State {
     finished: bool,
     outcome: Option<Result<u64, Error>>,
     retransmits: u64,
+    receiver: Option<[u8; 8]>,
 }
 
 /// A snapshot for the stats report.
@@ -114,6 +115,7 @@ impl Window {
                 finished: false,
                 outcome: None,
                 retransmits: 0,
+                receiver: None,
             }),
             changed: Condvar::new(),
             window: u64::from(window),
@@ -240,6 +242,14 @@ impl Window {
         }
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// Checks that a connection reached the same receiver process as every
+    /// connection before it (the first one decides). A different one means
+    /// the destinations lead to different receivers, or the receiver was
+    /// restarted and lost feet it had acknowledged: the stream cannot go on.
+    pub fn same_receiver(&self, id: [u8; 8]) -> bool {
+        *self.lock().receiver.get_or_insert(id) == id
     }
 
     /// Remembers why the latest connection attempt failed, for the message

@@ -105,6 +105,11 @@ fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<TcpStream, Open
     stream
         .set_read_timeout(None)
         .map_err(|e| retry("set timeout on", &e))?;
+    if reply.status != Status::Reject && !shared.window.same_receiver(reply.receiver) {
+        return Err(OpenError::Fatal(Error::Peer(format!(
+            "{dest} is not the receiver the stream started with (a different rx, or one that was restarted): every destination must reach the same rx"
+        ))));
+    }
     match reply.status {
         Status::Accept => {
             shared.window.advance(reply.delivered);
