@@ -393,7 +393,7 @@ fn sigusr1_reports_without_disturbing_stdout() {
     t.wait_line("retransmitted feet", Duration::from_secs(10));
     r.signal("USR1");
     r.wait_line("viamillipede rx report", Duration::from_secs(10));
-    r.wait_line("reorder buffer", Duration::from_secs(10));
+    r.wait_line("feet buffered", Duration::from_secs(10));
     feed.send(input[2 * FOOT..].to_vec()).unwrap();
     drop(feed);
     expect_delivered(&mut t, &mut r, &input, "with reports");

@@ -181,6 +181,7 @@ fn receive(
         let mut data = pool.take();
         wire::read_payload_into(stream, h.len, data.vec_mut())?;
         let len = data.len();
+        state.arrived.fetch_add(1, Ordering::Relaxed);
         if feet
             .send(Arrived {
                 id: h.id,

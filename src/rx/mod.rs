@@ -236,14 +236,18 @@ fn report(state: &State) -> String {
         .filter(|c| c.link.state() == LinkState::Receiving)
         .count();
     let _ = writeln!(out, "  written {}", state.clock.summary(written));
+    let delivered = state.delivered.load(Ordering::Relaxed);
+    let duplicates = state.duplicates.load(Ordering::Relaxed);
+    let buffered = state
+        .arrived
+        .load(Ordering::Relaxed)
+        .saturating_sub(duplicates + delivered);
     let _ = writeln!(
         out,
-        "  connections {receiving} up, {} handshaking, {} refused; reorder buffer {} feet; duplicates {}; next foot {}; total {}",
+        "  connections {receiving} up, {} handshaking, {} refused; {buffered} feet buffered ({} out of order); duplicates {duplicates}; next foot {delivered}; total {}",
         state.handshaking.load(Ordering::Relaxed),
         state.refused.load(Ordering::Relaxed),
         state.reorder_feet.load(Ordering::Relaxed),
-        state.duplicates.load(Ordering::Relaxed),
-        state.delivered.load(Ordering::Relaxed),
         human_bytes(written),
     );
     out

@@ -63,6 +63,8 @@ pub struct State {
     pub delivered: AtomicU64,
     /// Payload bytes written to stdout.
     pub written: AtomicU64,
+    /// Feet handed to the sequencer, duplicates included.
+    pub arrived: AtomicU64,
     /// Feet received more than once.
     pub duplicates: AtomicU64,
     /// Feet waiting in the reorder buffer.
@@ -113,6 +115,7 @@ impl State {
             next_conn: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            arrived: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             reorder_feet: AtomicUsize::new(0),
             refused: AtomicU64::new(0),

@@ -198,13 +198,14 @@ fn report(window: &Window, links: &[Link], clock: &Clock, read: u64) -> String {
     );
     let _ = writeln!(
         out,
-        "  connections {}/{} up, retransmitted feet {}, reconnects {}, window {}/{} feet held ({} queued), rx has written {} feet",
+        "  connections {}/{} up, retransmitted feet {}, reconnects {}, window {}/{} feet ({} unacknowledged, {} queued), rx has written {} feet",
         snap.connected,
         links.len(),
         snap.retransmits,
         reconnects,
-        snap.held,
+        snap.ahead,
         window.size(),
+        snap.held,
         snap.queued,
         snap.delivered
     );

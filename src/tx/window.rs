@@ -63,11 +63,15 @@ struct State {
     outcome: Option<Result<u64, Error>>,
     retransmits: u64,
     receiver: Option<[u8; 8]>,
+    /// One more than the highest foot id admitted.
+    admitted: u64,
 }
 
 /// A snapshot for the stats report.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
+    /// Feet read and not yet written by rx: the window's occupancy.
+    pub ahead: u64,
     /// Feet held (read, not yet acknowledged).
     pub held: usize,
     /// Feet waiting for a connection.
@@ -116,6 +120,7 @@ impl Window {
                 outcome: None,
                 retransmits: 0,
                 receiver: None,
+                admitted: 0,
             }),
             changed: Condvar::new(),
             window: u64::from(window),
@@ -144,6 +149,7 @@ impl Window {
             return false;
         }
         s.queue.insert(foot.id);
+        s.admitted = s.admitted.max(foot.id + 1);
         s.feet.insert(foot.id, Arc::new(foot));
         drop(s);
         self.changed.notify_all();
@@ -315,6 +321,7 @@ impl Window {
     pub fn snapshot(&self) -> Snapshot {
         let s = self.lock();
         Snapshot {
+            ahead: s.admitted.saturating_sub(s.delivered),
             held: s.feet.len(),
             queued: s.queue.len(),
             delivered: s.delivered,
