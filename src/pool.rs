@@ -6,8 +6,13 @@
 //! single-connection transfer. A [`Buffer`] goes back to its [`Pool`] when
 //! dropped, so the steady state allocates nothing. The pool holds at most
 //! as many buffers as the window, so it never raises the memory bound.
+//!
+//! Buffers are zeroed once, when first allocated, and then read into as
+//! whole slices: each `read` asks for everything still missing, where
+//! filling spare capacity (`read_to_end`) starts with small reads.
 
 use crossbeam_channel::{Receiver, Sender};
+use std::io::{self, Read};
 use std::ops::Deref;
 
 /// A bounded stock of buffers of one capacity.
@@ -27,15 +32,13 @@ impl Pool {
 
     /// An empty buffer with the pool's capacity, reused when one is free.
     pub fn take(&self) -> Buffer {
-        let data = match self.get.try_recv() {
-            Ok(mut v) => {
-                v.clear();
-                v
-            }
-            Err(_) => Vec::with_capacity(self.capacity),
-        };
+        let data = self
+            .get
+            .try_recv()
+            .unwrap_or_else(|_| vec![0; self.capacity]);
         Buffer {
             data,
+            len: 0,
             home: Some(self.put.clone()),
         }
     }
@@ -44,40 +47,79 @@ impl Pool {
 /// Bytes that return to their pool when dropped.
 #[derive(Debug, Default)]
 pub struct Buffer {
+    /// Initialised storage; only `..len` is content.
     data: Vec<u8>,
+    len: usize,
     home: Option<Sender<Vec<u8>>>,
 }
 
 impl Buffer {
-    /// The vector to fill.
-    pub fn vec_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.data
+    fn storage(&mut self, n: usize) -> &mut [u8] {
+        if self.data.len() < n {
+            self.data.resize(n, 0);
+        }
+        &mut self.data[..n]
+    }
+
+    /// Replaces the content with exactly `n` bytes from `r`; an early end is
+    /// an `UnexpectedEof` error.
+    pub fn read_exact_from(&mut self, r: &mut impl Read, n: usize) -> io::Result<()> {
+        self.len = 0;
+        r.read_exact(self.storage(n))?;
+        self.len = n;
+        Ok(())
+    }
+
+    /// Replaces the content with up to `n` bytes from `r`, stopping short
+    /// only at the end of the input; returns how many were read.
+    pub fn read_full_from(&mut self, r: &mut impl Read, n: usize) -> io::Result<usize> {
+        self.len = 0;
+        let mut filled = 0;
+        let buf = self.storage(n);
+        while filled < n {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(k) => filled += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.len = filled;
+                    return Err(e);
+                }
+            }
+        }
+        self.len = filled;
+        Ok(filled)
     }
 }
 
 impl From<Vec<u8>> for Buffer {
     /// A buffer that belongs to no pool.
     fn from(data: Vec<u8>) -> Buffer {
-        Buffer { data, home: None }
+        let len = data.len();
+        Buffer {
+            data,
+            len,
+            home: None,
+        }
     }
 }
 
 impl Deref for Buffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.data
+        &self.data[..self.len]
     }
 }
 
 impl AsRef<[u8]> for Buffer {
     fn as_ref(&self) -> &[u8] {
-        &self.data
+        self
     }
 }
 
 impl PartialEq for Buffer {
     fn eq(&self, other: &Buffer) -> bool {
-        self.data == other.data
+        **self == **other
     }
 }
 
@@ -100,13 +142,13 @@ mod tests {
     fn buffers_come_back_empty_and_keep_their_memory() {
         let pool = Pool::new(2, 1024);
         let mut b = pool.take();
-        b.vec_mut().extend_from_slice(b"hello");
+        b.read_exact_from(&mut &b"hello"[..], 5).unwrap();
+        assert_eq!(&*b, b"hello");
         let ptr = b.as_ptr();
         drop(b);
         let b = pool.take();
         assert!(b.is_empty());
         assert_eq!(b.as_ptr(), ptr);
-        assert!(b.data.capacity() >= 1024);
     }
 
     #[test]
@@ -116,5 +158,26 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(pool.get.len(), 1);
+    }
+
+    #[test]
+    fn reads_fill_whole_or_stop_at_the_end() {
+        let pool = Pool::new(1, 4);
+        let mut b = pool.take();
+        // A reader that hands out one byte at a time still fills the buffer.
+        struct OneByOne(u8);
+        impl Read for OneByOne {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                buf[0] = self.0;
+                Ok(1)
+            }
+        }
+        assert_eq!(b.read_full_from(&mut OneByOne(7), 6).unwrap(), 6);
+        assert_eq!(&*b, &[7; 6]);
+        assert_eq!(b.read_full_from(&mut &b"ab"[..], 6).unwrap(), 2);
+        assert_eq!(&*b, b"ab");
+        let e = b.read_exact_from(&mut &b"ab"[..], 3).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(b.is_empty());
     }
 }

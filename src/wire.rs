@@ -20,26 +20,12 @@ pub fn read_header<R: Read>(r: &mut R, max_foot: u32) -> io::Result<Header> {
     Header::decode(&b, max_foot).map_err(invalid)
 }
 
-/// Reads a frame's payload of exactly `len` bytes into a fresh buffer.
+/// Reads a short frame payload (an abort's message) of exactly `len` bytes;
+/// the header decoder has already bounded `len`.
 pub fn read_payload<R: Read>(r: &mut R, len: u32) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    read_payload_into(r, len, &mut buf)?;
+    let mut buf = vec![0; len as usize];
+    r.read_exact(&mut buf)?;
     Ok(buf)
-}
-
-/// Appends a frame's payload of exactly `len` bytes to `buf`, without
-/// zero-filling it first (reserved capacity is reused as is).
-pub fn read_payload_into<R: Read>(r: &mut R, len: u32, buf: &mut Vec<u8>) -> io::Result<()> {
-    let start = buf.len();
-    buf.reserve_exact(len as usize);
-    r.take(u64::from(len)).read_to_end(buf)?;
-    if buf.len() - start != len as usize {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed inside a frame",
-        ));
-    }
-    Ok(())
 }
 
 /// Writes a header and its payload, with one system call where possible.

@@ -179,7 +179,7 @@ fn receive(
             )));
         }
         let mut data = pool.take();
-        wire::read_payload_into(stream, h.len, data.vec_mut())?;
+        data.read_exact_from(stream, h.len as usize)?;
         let len = data.len();
         state.arrived.fetch_add(1, Ordering::Relaxed);
         if feet

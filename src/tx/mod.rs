@@ -142,12 +142,9 @@ fn ingest(mut input: impl Read, foot_size: u32, window: &Window, read: &AtomicU6
     let pool = Pool::new(window.size() as usize + 1, foot_size as usize);
     for id in 0.. {
         let mut data = pool.take();
-        // `take` + `read_to_end` fills the foot completely unless the input
-        // ends, so feet are full-size however short the pipe's reads are.
-        if let Err(e) = (&mut input)
-            .take(u64::from(foot_size))
-            .read_to_end(data.vec_mut())
-        {
+        // Feet are full-size however short the pipe's reads are: only the
+        // end of the input makes a short one.
+        if let Err(e) = data.read_full_from(&mut input, foot_size as usize) {
             window.finish(Err(Error::io("read stdin", e)));
             return;
         }
