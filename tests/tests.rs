@@ -184,11 +184,7 @@ fn an_unreachable_first_destination_is_skipped() {
     ];
     let mut t = tx(&args, Arc::clone(&input));
     expect_delivered(&mut t, &mut r, &input, "past a dead destination");
-    assert!(
-        t.stderr().contains("refused"),
-        "no failed attempt logged:\n{}",
-        t.stderr()
-    );
+    t.expect_stderr("refused");
 }
 
 #[test]
@@ -198,7 +194,7 @@ fn a_failing_stdin_fails_tx_with_the_reason() {
     let dir = std::fs::File::open("/").expect("open /");
     let (mut t, _) = Proc::spawn_with("tx", &["tx", "127.0.0.1", &p], Out::Collect, dir.into());
     assert_eq!(t.wait(Duration::from_secs(20)).code(), Some(1));
-    assert!(t.stderr().contains("read stdin"), "{}", t.stderr());
+    t.expect_stderr("read stdin");
 }
 
 #[test]
@@ -279,7 +275,7 @@ fn rx_gives_up_when_tx_is_killed() {
     t.signal("KILL");
     let (status, out) = r.output();
     assert_eq!(status.code(), Some(1), "{}", r.stderr());
-    assert!(r.stderr().contains("giving up"), "{}", r.stderr());
+    r.expect_stderr("giving up");
     // Only whole feet were written.
     assert!(
         out.len() % FOOT == 0,
@@ -326,11 +322,7 @@ fn garbage_and_half_open_connections_do_not_disturb_the_stream() {
         );
     }
     expect_delivered(&mut t, &mut r, &input, "with garbage around");
-    assert!(
-        r.stderr().contains("not a viamillipede handshake"),
-        "{}",
-        r.stderr()
-    );
+    r.expect_stderr("not a viamillipede handshake");
     drop(partial);
 }
 
@@ -349,7 +341,7 @@ fn a_second_session_is_refused_while_a_stream_runs() {
     );
     let status = intruder.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(1));
-    assert!(intruder.stderr().contains("busy"), "{}", intruder.stderr());
+    intruder.expect_stderr("busy");
 
     feed.send(input[FOOT..].to_vec()).unwrap();
     drop(feed);
@@ -365,11 +357,7 @@ fn a_wrong_checkphrase_is_refused_and_rx_keeps_waiting() {
         Arc::new(b"no".to_vec()),
     );
     assert_eq!(wrong.wait(Duration::from_secs(20)).code(), Some(1));
-    assert!(
-        wrong.stderr().contains("checkphrase mismatch"),
-        "{}",
-        wrong.stderr()
-    );
+    wrong.expect_stderr("checkphrase mismatch");
     let input = Arc::new(data(FOOT + 1, 31));
     let mut right = tx(
         &["--tx", &format!("127.0.0.1:{p}"), "--checkphrase", "abcd"],
@@ -414,12 +402,8 @@ fn a_closed_rx_stdout_fails_both_sides_with_the_reason() {
     let ts = t.wait(Duration::from_secs(30));
     assert_eq!(rs.code(), Some(1), "{}", r.stderr());
     assert_eq!(ts.code(), Some(1), "{}", t.stderr());
-    assert!(r.stderr().contains("write to stdout"), "{}", r.stderr());
-    assert!(
-        t.stderr().contains("receiver: write to stdout"),
-        "{}",
-        t.stderr()
-    );
+    r.expect_stderr("write to stdout");
+    t.expect_stderr("receiver: write to stdout");
 }
 
 #[test]
@@ -498,9 +482,5 @@ fn a_busy_port_is_a_clear_error() {
     let port = l.local_addr().unwrap().port().to_string();
     let (mut p, _) = Proc::spawn("rx", &["rx", &port], Out::Collect);
     assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(1));
-    assert!(
-        p.stderr().contains(&format!("listen on port {port}")),
-        "{}",
-        p.stderr()
-    );
+    p.expect_stderr(&format!("listen on port {port}"));
 }

@@ -138,6 +138,16 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Asserts that stderr (so far) contains `needle`.
+    pub fn expect_stderr(&self, needle: &str) {
+        let err = self.stderr();
+        assert!(
+            err.contains(needle),
+            "{}: stderr lacks {needle:?}:\n{err}",
+            self.name
+        );
+    }
+
     /// Waits for a stderr line containing `needle`; panics at the deadline.
     pub fn wait_line(&self, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
