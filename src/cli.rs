@@ -32,7 +32,8 @@ The original keyword grammar works verbatim, words in any order:
 Each keyword also has a dashed long form: --rx, --tx HOST:PORT, --threads, ...
 
 Memory: tx holds at most (window + 1) feet; rx holds at most
-(window + connections) feet: 130 MiB and 160 MiB with the defaults.
+(window + connections) feet: 130 MiB and 160 MiB with the defaults, plus a
+few MiB for the program itself.
 
 Send SIGUSR1 (or SIGINFO, where the system has it) to either side for a
 report of every connection on stderr.";
