@@ -1,6 +1,7 @@
 //! The parsed, validated options of one run: what `cli` produces and the
 //! wings consume.
 
+use crate::crypto::Key;
 use std::time::Duration;
 
 /// Default foot size: 2 MiB.
@@ -73,6 +74,12 @@ pub struct Config {
     pub reconnect_timeout: Duration,
     /// How long a new connection has to complete its handshake.
     pub handshake_timeout: Duration,
+    /// The pre-shared key, if any: connections must prove it.
+    pub key: Option<Key>,
+    /// Whether this side asks for encryption (needs a key).
+    pub encrypt: bool,
+    /// Warnings found while parsing (printed once logging is up).
+    pub warnings: Vec<String>,
 }
 
 impl Config {

@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod error;
 pub mod net;
 pub mod pool;

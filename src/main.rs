@@ -17,6 +17,9 @@ fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     init_logging(config.log_level());
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
     match viamillipede::run(&config) {
         Ok(summary) => {
             log::info!(

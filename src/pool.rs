@@ -92,6 +92,13 @@ impl Buffer {
     }
 }
 
+impl Buffer {
+    /// The content, for decrypting in place.
+    pub fn content_mut(&mut self) -> &mut [u8] {
+        &mut self.data[..self.len]
+    }
+}
+
 impl From<Vec<u8>> for Buffer {
     /// A buffer that belongs to no pool.
     fn from(data: Vec<u8>) -> Buffer {

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real binary on loopback.
 
+mod security;
 mod util;
 
 use std::io::{Read, Write};

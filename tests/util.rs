@@ -301,13 +301,27 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
-/// A TCP proxy that resets each connection after it has forwarded a number
-/// of bytes (sender to receiver), to test retransmission.
+/// What the fault proxy does to one connection's sender-to-receiver bytes.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fault {
+    /// Reset both sides once this many bytes have been forwarded.
+    pub reset_after: Option<u64>,
+    /// Flip the lowest bit of the byte at this offset.
+    pub flip_at: Option<u64>,
+}
+
+/// A TCP proxy that injects faults into the connections through it, and
+/// records what the first connection's client sent first.
 pub struct FaultProxy {
     pub port: u16,
     pub resets: Arc<AtomicU64>,
+    pub flips: Arc<AtomicU64>,
+    recorded: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
 }
+
+/// How much of the first connection the proxy records.
+const RECORD: usize = 4096;
 
 impl FaultProxy {
     /// Forwards to `127.0.0.1:upstream`; the n-th connection is reset after
@@ -316,28 +330,50 @@ impl FaultProxy {
         upstream: u16,
         budget: impl Fn(u64) -> Option<u64> + Send + 'static,
     ) -> FaultProxy {
+        FaultProxy::with(upstream, move |n| Fault {
+            reset_after: budget(n),
+            flip_at: None,
+        })
+    }
+
+    /// Forwards to `127.0.0.1:upstream`, doing `plan(n)` to the n-th connection.
+    pub fn with(upstream: u16, plan: impl Fn(u64) -> Fault + Send + 'static) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().unwrap().port();
-        let resets = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (resets, stop) = (Arc::clone(&resets), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                for (n, client) in listener.incoming().enumerate() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(client) = client else { continue };
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                        continue;
-                    };
-                    let limit = budget(n as u64);
-                    let resets = Arc::clone(&resets);
-                    std::thread::spawn(move || pump(client, server, limit, &resets));
+        let proxy = FaultProxy {
+            port,
+            resets: Arc::default(),
+            flips: Arc::default(),
+            recorded: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (resets, flips, recorded, stop) = (
+            Arc::clone(&proxy.resets),
+            Arc::clone(&proxy.flips),
+            Arc::clone(&proxy.recorded),
+            Arc::clone(&proxy.stop),
+        );
+        std::thread::spawn(move || {
+            for (n, client) in listener.incoming().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
                 }
-            });
-        }
-        FaultProxy { port, resets, stop }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let fault = plan(n as u64);
+                let counters = (Arc::clone(&resets), Arc::clone(&flips));
+                let record = (n == 0).then(|| Arc::clone(&recorded));
+                std::thread::spawn(move || pump(client, server, fault, counters, record));
+            }
+        });
+        proxy
+    }
+
+    /// The first bytes the first connection's client sent.
+    pub fn recorded(&self) -> Vec<u8> {
+        self.recorded.lock().unwrap().clone()
     }
 }
 
@@ -353,7 +389,13 @@ fn reset(s: &TcpStream) {
     let _ = s.shutdown(Shutdown::Read);
 }
 
-fn pump(client: TcpStream, server: TcpStream, limit: Option<u64>, resets: &AtomicU64) {
+fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    fault: Fault,
+    (resets, flips): (Arc<AtomicU64>, Arc<AtomicU64>),
+    record: Option<Arc<Mutex<Vec<u8>>>>,
+) {
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
     let back = std::thread::spawn(move || {
         let (mut from, mut to) = (s2, c2);
@@ -371,7 +413,19 @@ fn pump(client: TcpStream, server: TcpStream, limit: Option<u64>, resets: &Atomi
             }
             Ok(n) => n,
         };
-        let n = match limit {
+        if let Some(rec) = &record {
+            let mut rec = rec.lock().unwrap();
+            let room = RECORD.saturating_sub(rec.len()).min(n);
+            rec.extend_from_slice(&buf[..room]);
+        }
+        if let Some(at) = fault
+            .flip_at
+            .filter(|&at| at >= sent && at < sent + n as u64)
+        {
+            buf[(at - sent) as usize] ^= 1;
+            flips.fetch_add(1, Ordering::Relaxed);
+        }
+        let n = match fault.reset_after {
             Some(l) if sent + n as u64 >= l => {
                 // Forward part of the frame, then reset both sides mid-stream.
                 let cut = (l - sent) as usize;

@@ -79,6 +79,13 @@ pub enum FrameError {
         /// The largest length allowed.
         max: u32,
     },
+    /// A sealed frame too short to hold its authentication tag.
+    Undersize {
+        /// The announced length.
+        len: u32,
+        /// The shortest length allowed.
+        min: u32,
+    },
 }
 
 impl fmt::Display for FrameError {
@@ -87,6 +94,12 @@ impl fmt::Display for FrameError {
             FrameError::Truncated => write!(f, "truncated frame header"),
             FrameError::UnknownKind(k) => write!(f, "unknown frame kind {k}"),
             FrameError::BadFlags => write!(f, "unknown flags or reserved bits set"),
+            FrameError::Undersize { len, min } => {
+                write!(
+                    f,
+                    "sealed frame of {len} bytes is shorter than its {min}-byte tag"
+                )
+            }
             FrameError::Oversize { len, max } => {
                 write!(f, "frame payload of {len} bytes exceeds the limit of {max}")
             }
@@ -135,6 +148,13 @@ impl Header {
 
     /// Decodes and validates a header; `max_foot` bounds a foot's payload.
     pub fn decode(b: &[u8], max_foot: u32) -> Result<Header, FrameError> {
+        Header::decode_sealed(b, max_foot, 0)
+    }
+
+    /// Decodes a header whose payload carries `tag` more bytes (an AEAD tag
+    /// on a sealed connection): every kind's payload is then at least `tag`
+    /// and at most its plain bound plus `tag` bytes long.
+    pub fn decode_sealed(b: &[u8], max_foot: u32, tag: u32) -> Result<Header, FrameError> {
         if b.len() < HEADER_LEN {
             return Err(FrameError::Truncated);
         }
@@ -153,8 +173,12 @@ impl Header {
             Kind::Abort => MAX_MESSAGE as u32,
             Kind::Ack | Kind::Window | Kind::Done => 0,
         };
+        let max = max.saturating_add(tag);
         if len > max {
             return Err(FrameError::Oversize { len, max });
+        }
+        if len < tag {
+            return Err(FrameError::Undersize { len, min: tag });
         }
         Ok(Header {
             kind,
@@ -196,6 +220,26 @@ mod tests {
                 max: 1024
             })
         );
+    }
+
+    #[test]
+    fn sealed_frames_carry_a_tag() {
+        let b = Header::control(Kind::Ack, 1).encode();
+        assert_eq!(
+            Header::decode_sealed(&b, 10, 16),
+            Err(FrameError::Undersize { len: 0, min: 16 })
+        );
+        let h = Header {
+            kind: Kind::Ack,
+            flags: 0,
+            len: 16,
+            id: 1,
+        };
+        assert_eq!(Header::decode_sealed(&h.encode(), 10, 16), Ok(h));
+        let h = Header::foot(1, 26, false);
+        assert_eq!(Header::decode_sealed(&h.encode(), 10, 16), Ok(h));
+        let h = Header::foot(1, 27, false);
+        assert!(Header::decode_sealed(&h.encode(), 10, 16).is_err());
     }
 
     #[test]

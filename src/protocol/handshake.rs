@@ -26,6 +26,14 @@ pub const MAGIC: [u8; 8] = *b"VIAMPEDE";
 /// The protocol version this build speaks.
 pub const VERSION: u16 = 1;
 
+/// Hello flag: tx holds a key; the extension is its nonce, and rx must
+/// answer with a challenge.
+pub const FLAG_AUTH: u16 = 0x0001;
+/// Hello flag: tx asks for encryption. Reply flag: the connection is sealed.
+pub const FLAG_ENCRYPT: u16 = 0x0002;
+/// Every flag this version knows.
+pub const KNOWN_FLAGS: u16 = FLAG_AUTH | FLAG_ENCRYPT;
+
 /// Length of a [`Hello`] without its extension.
 pub const HELLO_FIXED_LEN: usize = 44;
 
@@ -61,6 +69,9 @@ pub enum Status {
     Complete = 1,
     /// Refused; see the reason and message.
     Reject = 2,
+    /// Prove the key: the extension is rx's nonce and rx's own proof; tx
+    /// answers with its proof, and then gets the final reply.
+    Challenge = 3,
 }
 
 /// Why a connection was refused.
@@ -79,6 +90,8 @@ pub enum Reason {
     Parameters = 4,
     /// The receiver's stream has failed (e.g. its output closed).
     Failed = 5,
+    /// Keys missing on one side, or not matching.
+    Auth = 6,
     /// Anything else; see the message.
     Other = 255,
 }
@@ -92,6 +105,7 @@ impl Reason {
             3 => Reason::Version,
             4 => Reason::Parameters,
             5 => Reason::Failed,
+            6 => Reason::Auth,
             _ => Reason::Other,
         }
     }
@@ -264,6 +278,7 @@ impl Reply {
             0 => Status::Accept,
             1 => Status::Complete,
             2 => Status::Reject,
+            3 => Status::Challenge,
             _ => return Err(HandshakeError::Invalid("unknown status")),
         };
         let msg_len = be_u16(b, 30) as usize;

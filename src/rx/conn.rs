@@ -4,13 +4,17 @@
 //! Anything that breaks the protocol only drops this connection: the
 //! stream in progress and the receiver carry on.
 
-use super::state::{Admission, State};
+use super::state::{Admission, Session, State};
 use super::{Arrived, Event};
+use crate::crypto::{self, Key, Opener, Sealer, NONCE_LEN, PROOF_LEN};
+use crate::protocol::handshake::FLAG_ENCRYPT;
+use crate::protocol::Hello;
 use crate::protocol::{HandshakeError, Header, Kind, Reason, Reply, Status};
 use crate::stats::LinkState;
+use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
 use crossbeam_channel::Sender;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -27,9 +31,9 @@ pub fn handle(
     events: &Sender<Event>,
     handshaking: super::Handshaking<'_>,
 ) {
-    let session = handshake(state, &mut stream, peer);
+    let accepted = handshake(state, &mut stream, peer);
     drop(handshaking);
-    let session = match session {
+    let (session, channel) = match accepted {
         Some(s) => s,
         None => {
             state.refused.fetch_add(1, Ordering::Relaxed);
@@ -43,12 +47,14 @@ pub fn handle(
             return;
         }
     };
-    let (key, conn) = state.register(writer, peer.to_string());
+    let (sealer, opener) = channel.unzip();
+    let (key, conn) = state.register(FrameWriter::new(writer, sealer), peer.to_string());
     conn.link.set_state(LinkState::Receiving);
     let _ = events.send(Event::Opened);
     log::info!("{peer}: connected");
 
-    let result = receive(state, &mut stream, session, &conn, feet);
+    let reader = FrameReader::new(&mut stream, opener, session.foot_size);
+    let result = receive(state, reader, session, &conn, feet);
     match &result {
         Ok(()) => log::debug!("{peer}: closed by sender"),
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
@@ -64,13 +70,14 @@ pub fn handle(
     let _ = events.send(Event::Closed(remaining));
 }
 
-/// Reads and judges the hello; answers it. Returns the session to serve, or
-/// None when the connection is not to be served.
+/// Reads and judges the hello, has the sender prove the key if there is
+/// one, and answers. Returns the session to serve and, when the connection
+/// is encrypted, its keys; None when the connection is not to be served.
 fn handshake(
     state: &State,
     stream: &mut TcpStream,
     peer: SocketAddr,
-) -> Option<super::state::Session> {
+) -> Option<(Session, Option<(Sealer, Opener)>)> {
     let limit = state.config.handshake_timeout;
     if stream.set_read_timeout(Some(limit)).is_err()
         || stream.set_write_timeout(Some(limit)).is_err()
@@ -104,15 +111,40 @@ fn handshake(
             return None;
         }
     };
+    if let Err(r) = state.check(&hello) {
+        log::warn!("{peer}: refused: {}", r.message);
+        reply(state, stream, &r);
+        return None;
+    }
+    let nonces = match &state.config.key {
+        None => None,
+        Some(key) => match authenticate(state, key, stream, &hello) {
+            Ok(nonces) => Some((key, nonces)),
+            Err(why) => {
+                log::warn!("{peer}: refused: authentication failed: {why}");
+                let msg = "authentication failed: the keys differ, or the handshake was replayed";
+                reply(state, stream, &Reply::reject(Reason::Auth, msg));
+                return None;
+            }
+        },
+    };
+    let encrypt = nonces.is_some() && (hello.flags & FLAG_ENCRYPT != 0 || state.config.encrypt);
     match state.admit(&hello) {
         Admission::Accept(session, delivered) => {
-            if !reply(state, stream, &Reply::accept(delivered)) {
+            let mut accept = Reply::accept(delivered);
+            if encrypt {
+                accept.flags |= FLAG_ENCRYPT;
+            }
+            if !reply(state, stream, &accept) {
                 return None;
             }
             let ok = stream.set_read_timeout(None).is_ok()
                 && stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_ok();
             let ok = ok && net::tune(stream).is_ok();
-            ok.then_some(session)
+            let channel = nonces
+                .filter(|_| encrypt)
+                .map(|(key, (tx_nonce, rx_nonce))| key.channel(&tx_nonce, &rx_nonce, false));
+            ok.then_some((session, channel))
         }
         Admission::Complete(bytes) => {
             reply(
@@ -135,6 +167,39 @@ fn handshake(
     }
 }
 
+/// The challenge-response: rx proves the key over tx's hello and a fresh
+/// nonce, then tx must prove it over the whole transcript. Returns both
+/// nonces, or why the sender failed.
+fn authenticate(
+    state: &State,
+    key: &Key,
+    stream: &mut TcpStream,
+    hello: &Hello,
+) -> Result<([u8; NONCE_LEN], [u8; NONCE_LEN]), String> {
+    let tx_nonce: [u8; NONCE_LEN] = hello.extension[..]
+        .try_into()
+        .map_err(|_| "malformed nonce".to_string())?;
+    let mut hello_bytes = Vec::new();
+    hello.encode(&mut hello_bytes);
+    let rx_nonce = crypto::nonce().map_err(|e| e.to_string())?;
+    let mut challenge = Reply::new(Status::Challenge, Reason::None, 0, String::new());
+    challenge.receiver = state.receiver;
+    challenge.extension = [&rx_nonce[..], &key.rx_proof(&hello_bytes, &rx_nonce)].concat();
+    let mut challenge_bytes = Vec::new();
+    challenge.encode(&mut challenge_bytes);
+    stream
+        .write_all(&challenge_bytes)
+        .map_err(|e| format!("send challenge: {e}"))?;
+    let mut proof = [0u8; PROOF_LEN];
+    stream
+        .read_exact(&mut proof)
+        .map_err(|e| format!("the sender did not prove the key ({e})"))?;
+    if !crypto::proofs_match(&key.tx_proof(&hello_bytes, &challenge_bytes), &proof) {
+        return Err("wrong key, or a replayed handshake".into());
+    }
+    Ok((tx_nonce, rx_nonce))
+}
+
 /// Sends a reply, stamped with this receiver's id.
 fn reply(state: &State, stream: &mut TcpStream, r: &Reply) -> bool {
     let mut r = r.clone();
@@ -151,14 +216,14 @@ fn violation(msg: String) -> io::Error {
 /// Reads feet until the sender closes the connection or breaks the rules.
 fn receive(
     state: &State,
-    stream: &mut TcpStream,
-    session: super::state::Session,
+    mut reader: FrameReader<&mut TcpStream>,
+    session: Session,
     conn: &super::state::Conn,
     feet: &Sender<Arrived>,
 ) -> io::Result<()> {
     let pool = state.pool(session);
     loop {
-        let h = match wire::read_header(stream, session.foot_size) {
+        let h = match reader.header() {
             Ok(h) => h,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -178,8 +243,10 @@ fn receive(
                 h.id, session.window
             )));
         }
+        // A sealed foot that fails to open ends here, never written: the
+        // connection is dropped and tx sends the foot again.
         let mut data = pool.take();
-        data.read_exact_from(stream, h.len as usize)?;
+        reader.payload(&h, &mut data)?;
         let len = data.len();
         state.arrived.fetch_add(1, Ordering::Relaxed);
         if feet

@@ -4,9 +4,10 @@
 
 use crate::config::Config;
 use crate::pool::Pool;
+use crate::protocol::handshake::{FLAG_AUTH, FLAG_ENCRYPT, KNOWN_FLAGS};
 use crate::protocol::{Header, Hello, Kind, Reason, Reply, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
 use crate::stats::{Clock, Link};
-use crate::wire;
+use crate::wire::FrameWriter;
 use std::collections::BTreeMap;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -39,14 +40,15 @@ pub enum Progress {
 pub struct Conn {
     /// Its counters.
     pub link: Link,
-    writer: Mutex<TcpStream>,
+    /// Sealing happens under this lock too, so frames leave in nonce order.
+    writer: Mutex<FrameWriter<TcpStream>>,
 }
 
 impl Conn {
     /// Sends a control or abort frame; failures surface in the reader.
     pub fn send(&self, header: &Header, payload: &[u8]) {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = wire::write_frame(&mut *w, header, payload);
+        let _ = w.send(header, payload);
     }
 }
 
@@ -130,19 +132,49 @@ impl State {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Decides whether a sender may join; the first acceptable one fixes the
-    /// session.
-    pub fn admit(&self, hello: &Hello) -> Admission {
-        let reject = |reason, msg: String| Admission::Reject(Reply::reject(reason, msg));
+    /// The checks that need no session: checkphrase, flags, keys on both
+    /// sides or neither, and parameters within this receiver's bounds. They
+    /// run before authentication; [`State::admit`] runs after it.
+    pub fn check(&self, hello: &Hello) -> Result<(), Reply> {
+        let reject = |reason, msg: String| Err(Reply::reject(reason, msg));
         if hello.checkphrase != self.config.checkphrase {
             return reject(Reason::Checkphrase, "checkphrase mismatch".into());
         }
-        if hello.flags != 0 {
+        if hello.flags & !KNOWN_FLAGS != 0 {
             return reject(
                 Reason::Other,
                 format!("unsupported feature flags {:#06x}", hello.flags),
             );
         }
+        let auth = hello.flags & FLAG_AUTH != 0;
+        match (&self.config.key, auth) {
+            (Some(_), false) => {
+                return reject(
+                    Reason::Auth,
+                    "this receiver requires a key: give the sender --key-file".into(),
+                )
+            }
+            (None, true) => {
+                return reject(
+                    Reason::Auth,
+                    "this receiver has no key: give it --key-file too".into(),
+                )
+            }
+            (None, false) if hello.flags & FLAG_ENCRYPT != 0 => {
+                return reject(Reason::Auth, "encryption needs a key on both sides".into())
+            }
+            (Some(_), true) if hello.extension.len() != crate::crypto::NONCE_LEN => {
+                return reject(Reason::Auth, "malformed authentication data".into())
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Decides whether a sender may join; the first acceptable one fixes the
+    /// session.
+    pub fn admit(&self, hello: &Hello) -> Admission {
+        let reject = |reason, msg: String| Admission::Reject(Reply::reject(reason, msg));
         let bytes = u64::from(hello.foot_size) * u64::from(hello.window);
         if hello.foot_size == 0
             || hello.foot_size > MAX_FOOT
@@ -237,11 +269,11 @@ impl State {
     }
 
     /// Adds a connection; returns its key and handle.
-    pub fn register(&self, stream: TcpStream, peer: String) -> (u64, Arc<Conn>) {
+    pub fn register(&self, writer: FrameWriter<TcpStream>, peer: String) -> (u64, Arc<Conn>) {
         let key = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             link: Link::new(peer),
-            writer: Mutex::new(stream),
+            writer: Mutex::new(writer),
         });
         Self::lock(&self.conns).insert(key, Arc::clone(&conn));
         (key, conn)

@@ -7,11 +7,15 @@
 
 use super::window::{Next, Window};
 use crate::config::{Config, Destination};
+use crate::crypto::{self, Opener, Sealer, NONCE_LEN, PROOF_LEN};
 use crate::error::Error;
+use crate::protocol::handshake::{FLAG_AUTH, FLAG_ENCRYPT};
 use crate::protocol::{Header, Hello, Kind, Status};
 use crate::stats::{Link, LinkState};
+use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
 use crossbeam_channel::Receiver;
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
@@ -45,14 +49,14 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     while !shared.window.is_finished() {
         link.set_state(LinkState::Connecting);
         match open(shared, w, dest) {
-            Ok(stream) => {
+            Ok(opened) => {
                 if connections > 0 {
                     link.count_reconnect();
                 }
                 connections += 1;
                 backoff = BACKOFF_START;
                 log::info!("worker {w}: connected to {dest}");
-                serve(shared, w, stream, link);
+                serve(shared, w, opened, link);
             }
             Err(OpenError::Fatal(e)) => {
                 shared.window.finish(Err(e));
@@ -78,57 +82,117 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     link.set_state(LinkState::Closed);
 }
 
-/// Connects and completes the handshake.
-fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<TcpStream, OpenError> {
+/// An open connection and, when it is encrypted, its keys.
+type Opened = (TcpStream, Option<(Sealer, Opener)>);
+
+/// Connects and completes the handshake (proving the key, if there is one).
+fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<Opened, OpenError> {
     let c = shared.config;
     let retry =
         |what: &str, e: &dyn std::fmt::Display| OpenError::Retry(format!("{what} {dest}: {e}"));
+    let fatal = |msg: String| OpenError::Fatal(Error::Peer(format!("{dest}: {msg}")));
     let mut stream = net::connect(dest, CONNECT_TIMEOUT.min(c.reconnect_timeout))
         .map_err(|e| retry("connect to", &e))?;
     net::tune(&stream).map_err(|e| retry("set options on connection to", &e))?;
     stream
         .set_read_timeout(Some(c.handshake_timeout))
         .map_err(|e| retry("set timeout on", &e))?;
+    let tx_nonce = match &c.key {
+        Some(_) => Some(crypto::nonce().map_err(OpenError::Fatal)?),
+        None => None,
+    };
+    let mut flags = 0;
+    if tx_nonce.is_some() {
+        flags |= FLAG_AUTH;
+    }
+    if c.encrypt {
+        flags |= FLAG_ENCRYPT;
+    }
     let hello = Hello {
-        flags: 0,
+        flags,
         checkphrase: c.checkphrase,
         session: shared.session,
         foot_size: c.foot_size,
         window: c.window,
         worker: w as u16,
-        extension: Vec::new(),
+        extension: tx_nonce.map(Vec::from).unwrap_or_default(),
     };
-    let mut buf = Vec::new();
-    hello.encode(&mut buf);
-    std::io::Write::write_all(&mut stream, &buf).map_err(|e| retry("handshake with", &e))?;
-    let reply = wire::read_reply(&mut stream).map_err(|e| retry("handshake with", &e))?;
+    let mut hello_bytes = Vec::new();
+    hello.encode(&mut hello_bytes);
+    stream
+        .write_all(&hello_bytes)
+        .map_err(|e| retry("handshake with", &e))?;
+    let mut reply = wire::read_reply(&mut stream).map_err(|e| retry("handshake with", &e))?;
+    let mut rx_nonce = None;
+    match (&c.key, reply.status) {
+        (Some(key), Status::Challenge) => {
+            // rx proves the key first; only then does tx prove it, so a
+            // receiver without the key learns nothing it could replay.
+            let ext = &reply.extension;
+            if ext.len() != NONCE_LEN + PROOF_LEN {
+                return Err(fatal("malformed authentication challenge".into()));
+            }
+            let (nonce, proof) = ext.split_at(NONCE_LEN);
+            if !crypto::proofs_match(&key.rx_proof(&hello_bytes, nonce), proof) {
+                return Err(fatal(
+                    "the receiver could not prove the key: the key files differ".into(),
+                ));
+            }
+            let mut challenge = Vec::new();
+            reply.encode(&mut challenge);
+            stream
+                .write_all(&key.tx_proof(&hello_bytes, &challenge))
+                .map_err(|e| retry("handshake with", &e))?;
+            rx_nonce = Some(nonce.to_vec());
+            reply = wire::read_reply(&mut stream).map_err(|e| retry("handshake with", &e))?;
+        }
+        (None, Status::Challenge) => {
+            return Err(fatal(
+                "the receiver requires a key: give --key-file on both sides".into(),
+            ))
+        }
+        (Some(_), Status::Accept | Status::Complete) => {
+            return Err(fatal("the receiver did not authenticate itself".into()))
+        }
+        _ => {}
+    }
     stream
         .set_read_timeout(None)
         .map_err(|e| retry("set timeout on", &e))?;
     if reply.status != Status::Reject && !shared.window.same_receiver(reply.receiver) {
-        return Err(OpenError::Fatal(Error::Peer(format!(
-            "{dest} is not the receiver the stream started with (a different rx, or one that was restarted): every destination must reach the same rx"
-        ))));
+        return Err(fatal(
+            "not the receiver the stream started with (a different rx, or one that was restarted): every destination must reach the same rx".into(),
+        ));
     }
     match reply.status {
         Status::Accept => {
+            let encrypted = reply.flags & FLAG_ENCRYPT != 0;
+            if c.encrypt && !encrypted {
+                return Err(fatal("the receiver did not agree to encrypt".into()));
+            }
+            let channel = match (encrypted, &c.key, tx_nonce, rx_nonce) {
+                (false, ..) => None,
+                (true, Some(key), Some(tx_nonce), Some(rx_nonce)) => {
+                    Some(key.channel(&tx_nonce, &rx_nonce, true))
+                }
+                (true, ..) => return Err(fatal("encryption without authentication".into())),
+            };
             shared.window.advance(reply.delivered);
-            Ok(stream)
+            Ok((stream, channel))
         }
         Status::Complete => {
             shared.window.finish(Ok(reply.delivered));
             Err(OpenError::Retry(format!("{dest}: stream already complete")))
         }
-        Status::Reject => Err(OpenError::Fatal(Error::Peer(format!(
-            "{dest} refused the connection: {}",
-            reply.message
-        )))),
+        Status::Reject | Status::Challenge => {
+            Err(fatal(format!("refused the connection: {}", reply.message)))
+        }
     }
 }
 
 /// Sends feet on an established connection until it fails or the transfer
 /// is over.
-fn serve(shared: &Shared, w: usize, mut stream: TcpStream, link: &Link) {
+fn serve(shared: &Shared, w: usize, (stream, channel): Opened, link: &Link) {
     let window = shared.window;
     let reader = match stream.try_clone() {
         Ok(r) => r,
@@ -137,6 +201,10 @@ fn serve(shared: &Shared, w: usize, mut stream: TcpStream, link: &Link) {
             return;
         }
     };
+    let (sealer, opener) = channel.unzip();
+    // rx never sends feet: a zero bound rejects any payload but an abort's.
+    let reader = FrameReader::new(reader, opener, 0);
+    let mut writer = FrameWriter::new(stream, sealer);
     window.connected(w);
     link.set_state(LinkState::Idle);
     std::thread::scope(|scope| {
@@ -154,7 +222,7 @@ fn serve(shared: &Shared, w: usize, mut stream: TcpStream, link: &Link) {
             };
             link.set_state(LinkState::Sending);
             let header = Header::foot(foot.id, foot.data.len() as u32, foot.end);
-            if let Err(e) = wire::write_frame(&mut stream, &header, &foot.data) {
+            if let Err(e) = writer.send(&header, &foot.data) {
                 log::info!("worker {w}: send foot {}: {e}", foot.id);
                 window.note_error(format!("send: {e}"));
                 break;
@@ -163,17 +231,19 @@ fn serve(shared: &Shared, w: usize, mut stream: TcpStream, link: &Link) {
             link.set_state(LinkState::Idle);
         }
         // Wakes the acknowledgement reader; a FIN tells rx we are done.
-        let _ = stream.shutdown(Shutdown::Both);
+        let _ = writer.get_ref().shutdown(Shutdown::Both);
         window.disconnected(w);
     });
 }
 
 /// Reads what rx sends back on one connection into the window.
-fn read_acks(window: &Window, w: usize, mut stream: TcpStream) {
+fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
     let result = (|| -> std::io::Result<()> {
         loop {
-            // rx never sends feet: a zero bound rejects any payload but an abort's.
-            let h = wire::read_header(&mut stream, 0)?;
+            let h = reader.header()?;
+            // Also checks the tag of a sealed frame without a payload; a
+            // foot from rx is bounded to zero bytes, so reading it is cheap.
+            let payload = reader.small_payload(&h)?;
             match h.kind {
                 Kind::Ack => window.ack(w, h.id),
                 Kind::Window => window.advance(h.id),
@@ -182,15 +252,15 @@ fn read_acks(window: &Window, w: usize, mut stream: TcpStream) {
                     return Ok(());
                 }
                 Kind::Abort => {
-                    let msg = wire::read_payload(&mut stream, h.len)?;
-                    window.finish(Err(Error::Peer(String::from_utf8_lossy(&msg).into_owned())));
+                    let msg = String::from_utf8_lossy(&payload).into_owned();
+                    window.finish(Err(Error::Peer(msg)));
                     return Ok(());
                 }
                 Kind::Foot => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "receiver sent a foot",
-                    ));
+                    ))
                 }
             }
         }
@@ -201,6 +271,6 @@ fn read_acks(window: &Window, w: usize, mut stream: TcpStream) {
             window.note_error(format!("connection lost: {e}"));
         }
     }
-    let _ = stream.shutdown(Shutdown::Both);
+    let _ = reader.get_mut().shutdown(Shutdown::Both);
     window.disconnected(w);
 }
