@@ -1,5 +1,6 @@
 //! End-to-end tests: the real binary on loopback.
 
+mod hostile;
 mod security;
 mod util;
 

@@ -17,7 +17,7 @@ use crossbeam_channel::Sender;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long a write to a sender may block before its connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -84,7 +84,12 @@ fn handshake(
     {
         return None;
     }
-    let hello = match wire::read_hello(stream) {
+    // One deadline for the whole handshake, however slowly the bytes drip.
+    let deadline = Instant::now() + limit;
+    let hello = match wire::read_hello(&mut Deadline {
+        stream,
+        until: deadline,
+    }) {
         Ok(h) => h,
         Err(HandshakeError::Version(v)) => {
             let msg = format!(
@@ -118,7 +123,7 @@ fn handshake(
     }
     let nonces = match &state.config.key {
         None => None,
-        Some(key) => match authenticate(state, key, stream, &hello) {
+        Some(key) => match authenticate(state, key, stream, &hello, deadline) {
             Ok(nonces) => Some((key, nonces)),
             Err(why) => {
                 log::warn!("{peer}: refused: authentication failed: {why}");
@@ -175,6 +180,7 @@ fn authenticate(
     key: &Key,
     stream: &mut TcpStream,
     hello: &Hello,
+    deadline: Instant,
 ) -> Result<([u8; NONCE_LEN], [u8; NONCE_LEN]), String> {
     let tx_nonce: [u8; NONCE_LEN] = hello.extension[..]
         .try_into()
@@ -191,13 +197,35 @@ fn authenticate(
         .write_all(&challenge_bytes)
         .map_err(|e| format!("send challenge: {e}"))?;
     let mut proof = [0u8; PROOF_LEN];
-    stream
-        .read_exact(&mut proof)
-        .map_err(|e| format!("the sender did not prove the key ({e})"))?;
+    Deadline {
+        stream,
+        until: deadline,
+    }
+    .read_exact(&mut proof)
+    .map_err(|e| format!("the sender did not prove the key ({e})"))?;
     if !crypto::proofs_match(&key.tx_proof(&hello_bytes, &challenge_bytes), &proof) {
         return Err("wrong key, or a replayed handshake".into());
     }
     Ok((tx_nonce, rx_nonce))
+}
+
+/// Reads with a deadline for everything read through it, rather than a
+/// timeout per read, which a peer sending a byte at a time would defeat.
+struct Deadline<'a> {
+    stream: &'a TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream = self.stream;
+        stream.read(buf)
+    }
 }
 
 /// Sends a reply, stamped with this receiver's id.
