@@ -32,6 +32,10 @@ pub enum Error {
     GaveUp(String),
     /// A thread of this program panicked.
     Internal(String),
+    /// The sender stopped the stream; the message is the sender's.
+    Sender(String),
+    /// Stopped by this signal (SIGINT, SIGTERM).
+    Interrupted(i32),
 }
 
 impl Error {
@@ -43,11 +47,13 @@ impl Error {
         }
     }
 
-    /// The exit code this error maps to.
-    pub fn exit_code(&self) -> ExitCode {
+    /// The exit status this error maps to: 2 for usage, 128 + the signal
+    /// for a stop by signal (as shells report it), 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) => ExitCode::Usage,
-            _ => ExitCode::Failure,
+            Error::Usage(_) => ExitCode::Usage as u8,
+            Error::Interrupted(sig) => 128u8.saturating_add(*sig as u8),
+            _ => ExitCode::Failure as u8,
         }
     }
 }
@@ -58,6 +64,8 @@ impl fmt::Display for Error {
             Error::Usage(m) | Error::GaveUp(m) | Error::Internal(m) => f.write_str(m),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Peer(m) => write!(f, "receiver: {m}"),
+            Error::Sender(m) => write!(f, "sender: {m}"),
+            Error::Interrupted(sig) => write!(f, "stopped by {}", signal_name(*sig)),
         }
     }
 }
@@ -68,6 +76,15 @@ impl std::error::Error for Error {
             Error::Io { source, .. } => Some(source),
             _ => None,
         }
+    }
+}
+
+/// The name of a stop signal, for messages.
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        signal_hook::consts::SIGINT => "SIGINT".into(),
+        signal_hook::consts::SIGTERM => "SIGTERM".into(),
+        other => format!("signal {other}"),
     }
 }
 

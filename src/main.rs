@@ -41,7 +41,7 @@ fn fail(e: &Error) -> ExitCode {
     if let Error::Usage(_) = e {
         let _ = writeln!(err, "{USAGE_HINT}");
     }
-    ExitCode::from(e.exit_code() as u8)
+    ExitCode::from(e.exit_code())
 }
 
 /// `verbose N` sets the level unless RUST_LOG says otherwise.

@@ -1,6 +1,6 @@
-//! Turns SIGUSR1 (and SIGINFO, where the system has it) into a report on
-//! stderr, printed from a thread of its own so it never touches stdout or
-//! disturbs the data path.
+//! Signals, handled on a thread of their own: SIGUSR1 (and SIGINFO, where
+//! the system has it) prints a report on stderr without touching stdout or
+//! the data path; SIGINT and SIGTERM stop the transfer cleanly.
 
 use signal_hook::iterator::{Handle, Signals};
 use std::io::{self, Write};
@@ -24,7 +24,10 @@ fn report_signals() -> Vec<i32> {
     v
 }
 
-/// A running report thread; stopped and joined on drop.
+/// The signals that stop a transfer cleanly.
+const STOP_SIGNALS: [i32; 2] = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
+
+/// A running signal thread; stopped and joined on drop.
 pub struct Reporter {
     handle: Handle,
     thread: Option<JoinHandle<()>>,
@@ -32,16 +35,29 @@ pub struct Reporter {
 
 impl Reporter {
     /// Installs the handlers and starts a thread that writes `report()` to
-    /// stderr whenever one of the signals arrives.
-    pub fn spawn(report: impl Fn() -> String + Send + 'static) -> io::Result<Reporter> {
-        let mut signals = Signals::new(report_signals())?;
+    /// stderr whenever a report signal arrives, and calls `stop(signal)` on
+    /// the first SIGINT or SIGTERM. A second one exits at once, for a stop
+    /// that hangs (an output that no one reads).
+    pub fn spawn(
+        report: impl Fn() -> String + Send + 'static,
+        stop: impl Fn(i32) + Send + 'static,
+    ) -> io::Result<Reporter> {
+        let mut signals = Signals::new(report_signals().into_iter().chain(STOP_SIGNALS))?;
         let handle = signals.handle();
         let thread = std::thread::Builder::new()
-            .name("stats".into())
+            .name("signals".into())
             .spawn(move || {
-                for _ in signals.forever() {
-                    let text = report();
-                    let _ = io::stderr().lock().write_all(text.as_bytes());
+                let mut stopping = false;
+                for sig in signals.forever() {
+                    if !STOP_SIGNALS.contains(&sig) {
+                        let text = report();
+                        let _ = io::stderr().lock().write_all(text.as_bytes());
+                    } else if !stopping {
+                        stopping = true;
+                        stop(sig);
+                    } else {
+                        std::process::exit(128 + sig);
+                    }
                 }
             })?;
         Ok(Reporter {

@@ -7,7 +7,6 @@
 use crate::util::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use viamillipede::protocol::{Header, Hello, Kind, Reply, Status, VERSION};
 use viamillipede::wire;
@@ -201,4 +200,56 @@ fn truncated_duplicate_and_out_of_window_feet_never_corrupt_the_output() {
     assert_same(&out, &[a, b].concat(), "after broken feet");
     r.expect_stderr("outside the window");
     r.expect_stderr("exceeds the limit");
+}
+
+#[test]
+fn sigint_on_tx_stops_both_sides_on_a_foot_boundary() {
+    let (mut r, port) = rx(&["verbose", "1"]);
+    let p = port.to_string();
+    let (mut t, feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "2"]);
+    feed.send(data(3 * FOOT + 12_345, 5)).unwrap();
+    r.wait_line("connected", Duration::from_secs(10));
+    t.signal("INT");
+    assert_eq!(
+        t.wait(Duration::from_secs(20)).code(),
+        Some(130),
+        "{}",
+        t.stderr()
+    );
+    t.expect_stderr("stopped by SIGINT");
+    // rx hears it at once rather than after its reconnect timeout (300 s).
+    let (status, out) = r.output();
+    assert_eq!(status.code(), Some(1), "{}", r.stderr());
+    r.expect_stderr("sender: stopped by SIGINT");
+    assert!(
+        out.len() % FOOT == 0,
+        "a partial foot was written: {} bytes",
+        out.len()
+    );
+    drop(feed);
+}
+
+#[test]
+fn sigterm_on_rx_fails_tx_with_the_reason() {
+    let (r, port) = rx(&[]);
+    let p = port.to_string();
+    let (mut t, feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "2", "verbose", "1"]);
+    feed.send(data(FOOT, 6)).unwrap();
+    t.wait_line("connected to", Duration::from_secs(10));
+    r.signal("TERM");
+    let mut r = r;
+    assert_eq!(
+        r.wait(Duration::from_secs(20)).code(),
+        Some(143),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(
+        t.wait(Duration::from_secs(20)).code(),
+        Some(1),
+        "{}",
+        t.stderr()
+    );
+    t.expect_stderr("receiver: stopped by SIGTERM");
+    drop(feed);
 }

@@ -35,6 +35,8 @@ pub enum Kind {
     Done = 4,
     /// rx -> tx: the receiver failed; the payload is the reason in UTF-8.
     Abort = 5,
+    /// tx -> rx: the sender stopped (interrupted); the payload is why.
+    Cancel = 6,
 }
 
 impl Kind {
@@ -45,6 +47,7 @@ impl Kind {
             3 => Kind::Window,
             4 => Kind::Done,
             5 => Kind::Abort,
+            6 => Kind::Cancel,
             _ => return None,
         })
     }
@@ -170,7 +173,7 @@ impl Header {
         let len = be_u32(b, 4);
         let max = match kind {
             Kind::Foot => max_foot,
-            Kind::Abort => MAX_MESSAGE as u32,
+            Kind::Abort | Kind::Cancel => MAX_MESSAGE as u32,
             Kind::Ack | Kind::Window | Kind::Done => 0,
         };
         let max = max.saturating_add(tag);
@@ -270,11 +273,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_valid_header_round_trips(kind in 1u8..=5, end: bool, len in 0u32..=1024, id: u64) {
+        fn any_valid_header_round_trips(kind in 1u8..=6, end: bool, len in 0u32..=1024, id: u64) {
             let kind = Kind::from_u8(kind).unwrap();
             let h = match kind {
                 Kind::Foot => Header::foot(id, len, end),
-                Kind::Abort => Header { kind, flags: 0, len, id },
+                Kind::Abort | Kind::Cancel => Header { kind, flags: 0, len, id },
                 _ => Header::control(kind, id),
             };
             prop_assert_eq!(Header::decode(&h.encode(), 1024), Ok(h));

@@ -4,9 +4,10 @@
 //! Anything that breaks the protocol only drops this connection: the
 //! stream in progress and the receiver carry on.
 
-use super::state::{Admission, Session, State};
+use super::state::{Admission, Progress, Session, State};
 use super::{Arrived, Event};
 use crate::crypto::{self, Key, Opener, Sealer, NONCE_LEN, PROOF_LEN};
+use crate::error::Error;
 use crate::protocol::handshake::FLAG_ENCRYPT;
 use crate::protocol::Hello;
 use crate::protocol::{HandshakeError, Header, Kind, Reason, Reply, Status};
@@ -56,7 +57,12 @@ pub fn handle(
     let reader = FrameReader::new(&mut stream, opener, session.foot_size);
     let result = receive(state, reader, session, &conn, feet);
     match &result {
-        Ok(()) => log::debug!("{peer}: closed by sender"),
+        Ok(Some(reason)) => {
+            log::warn!("{peer}: the sender stopped the stream: {reason}");
+            state.end(Progress::Failed(format!("sender {reason}")));
+            let _ = events.send(Event::Finished(Err(Error::Sender(reason.clone()))));
+        }
+        Ok(None) => log::debug!("{peer}: closed by sender"),
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
             log::warn!("{peer}: protocol violation, connection dropped: {e}");
             state.refused.fetch_add(1, Ordering::Relaxed);
@@ -241,21 +247,26 @@ fn violation(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Reads feet until the sender closes the connection or breaks the rules.
+/// Reads feet until the sender closes the connection (`None`), cancels the
+/// stream (`Some(reason)`) or breaks the rules.
 fn receive(
     state: &State,
     mut reader: FrameReader<&mut TcpStream>,
     session: Session,
     conn: &super::state::Conn,
     feet: &Sender<Arrived>,
-) -> io::Result<()> {
+) -> io::Result<Option<String>> {
     let pool = state.pool(session);
     loop {
         let h = match reader.header() {
             Ok(h) => h,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e),
         };
+        if h.kind == Kind::Cancel {
+            let reason = reader.small_payload(&h)?;
+            return Ok(Some(String::from_utf8_lossy(&reason).into_owned()));
+        }
         if h.kind != Kind::Foot {
             return Err(violation(format!(
                 "unexpected {:?} frame from a sender",
@@ -286,7 +297,7 @@ fn receive(
             .is_err()
         {
             // The sequencer has finished; nothing more is needed.
-            return Ok(());
+            return Ok(None);
         }
         conn.send(&Header::control(Kind::Ack, h.id), b"");
         conn.link.count_foot(len);

@@ -83,13 +83,19 @@ pub fn receive(
         .local_addr()
         .map_err(|e| Error::io("read the listening address", e))?;
     let state = Arc::new(State::new(config.clone()));
-    let _reporter = {
-        let state = Arc::clone(&state);
-        Reporter::spawn(move || report(&state))
-            .map_err(|e| Error::io("install signal handlers", e))?
-    };
     let (feet_tx, feet_rx) = crossbeam_channel::unbounded();
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let _reporter = {
+        let (state, stopped) = (Arc::clone(&state), Arc::clone(&state));
+        let events = events_tx.clone();
+        let stop = move |sig| {
+            let why = format!("stopped by {}", crate::error::signal_name(sig));
+            stopped.end(Progress::Failed(why));
+            let _ = events.send(Event::Finished(Err(Error::Interrupted(sig))));
+        };
+        Reporter::spawn(move || report(&state), stop)
+            .map_err(|e| Error::io("install signal handlers", e))?
+    };
     {
         let (state, events) = (Arc::clone(&state), events_tx.clone());
         spawn("rx-sequencer", move || {
@@ -148,6 +154,8 @@ pub fn receive(
             Err(_) => break,
         }
     }
+    // Waits for a foot being written, so the output ends on a foot boundary.
+    state.close_output();
     if config.verbose >= 2 {
         log::debug!("{}", report(&state).trim_end());
     }

@@ -36,10 +36,17 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
         }
         let before = reorder.next();
         while let Some(ready) = reorder.pop_ready() {
-            if let Err(e) = out.write_all(&ready.data).and_then(|()| out.flush()) {
-                state.end(Progress::Failed(format!("write to stdout: {e}")));
-                let _ = events.send(Event::Finished(Err(Error::io("write to stdout", e))));
-                return;
+            let written =
+                state.write_output(|| out.write_all(&ready.data).and_then(|()| out.flush()));
+            match written {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    state.end(Progress::Failed(format!("write to stdout: {e}")));
+                    let _ = events.send(Event::Finished(Err(Error::io("write to stdout", e))));
+                    return;
+                }
+                // The run is over: nothing more may be written.
+                None => return,
             }
             state
                 .written

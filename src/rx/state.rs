@@ -80,6 +80,8 @@ pub struct State {
     pool: OnceLock<Pool>,
     /// This process's random id, sent in every reply.
     pub receiver: [u8; 8],
+    /// Held while a foot is written; false once the output is closed.
+    output_open: Mutex<bool>,
 }
 
 /// The verdict on a handshake.
@@ -125,6 +127,7 @@ impl State {
             clock: Clock::new(),
             pool: OnceLock::new(),
             receiver: random_id(),
+            output_open: Mutex::new(true),
         }
     }
 
@@ -226,6 +229,19 @@ impl State {
         self.pool
             .get_or_init(|| Pool::new(session.window as usize, session.foot_size as usize))
             .clone()
+    }
+
+    /// Runs `write` unless the output was closed, holding the output so
+    /// that closing it waits for a foot being written: rx never stops in
+    /// the middle of a foot. Returns None if the output is closed.
+    pub fn write_output<T>(&self, write: impl FnOnce() -> T) -> Option<T> {
+        let open = Self::lock(&self.output_open);
+        open.then(write)
+    }
+
+    /// Closes the output, after the foot being written (if any).
+    pub fn close_output(&self) {
+        *Self::lock(&self.output_open) = false;
     }
 
     /// Where the stream stands.

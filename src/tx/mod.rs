@@ -61,8 +61,12 @@ pub fn send(
             Arc::clone(&clock),
             Arc::clone(&read),
         );
-        Reporter::spawn(move || report(&window, &links, &clock, read.load(Relaxed)))
-            .map_err(|e| Error::io("install signal handlers", e))?
+        let stop = Arc::clone(&window);
+        Reporter::spawn(
+            move || report(&window, &links, &clock, read.load(Relaxed)),
+            move |sig| stop.cancel(sig),
+        )
+        .map_err(|e| Error::io("install signal handlers", e))?
     };
 
     {

@@ -63,6 +63,8 @@ struct State {
     outcome: Option<Result<u64, Error>>,
     retransmits: u64,
     receiver: Option<[u8; 8]>,
+    /// Why the user stopped the transfer, to tell the receiver.
+    cancelled: Option<String>,
     /// One more than the highest foot id admitted.
     admitted: u64,
 }
@@ -120,6 +122,7 @@ impl Window {
                 outcome: None,
                 retransmits: 0,
                 receiver: None,
+                cancelled: None,
                 admitted: 0,
             }),
             changed: Condvar::new(),
@@ -274,6 +277,18 @@ impl Window {
         }
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// Stops the transfer because the user asked (`sig`); workers tell the
+    /// receiver why on their way out.
+    pub fn cancel(&self, sig: i32) {
+        self.lock().cancelled = Some(format!("stopped by {}", crate::error::signal_name(sig)));
+        self.finish(Err(Error::Interrupted(sig)));
+    }
+
+    /// Why the user stopped the transfer, if they did.
+    pub fn cancelled(&self) -> Option<String> {
+        self.lock().cancelled.clone()
     }
 
     /// Whether the transfer is over.

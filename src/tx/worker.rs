@@ -230,6 +230,15 @@ fn serve(shared: &Shared, w: usize, (stream, channel): Opened, link: &Link) {
             link.count_foot(foot.data.len());
             link.set_state(LinkState::Idle);
         }
+        if let Some(reason) = window.cancelled() {
+            let header = Header {
+                kind: Kind::Cancel,
+                flags: 0,
+                len: reason.len() as u32,
+                id: 0,
+            };
+            let _ = writer.send(&header, reason.as_bytes());
+        }
         // Wakes the acknowledgement reader; a FIN tells rx we are done.
         let _ = writer.get_ref().shutdown(Shutdown::Both);
         window.disconnected(w);
@@ -256,10 +265,10 @@ fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
                     window.finish(Err(Error::Peer(msg)));
                     return Ok(());
                 }
-                Kind::Foot => {
+                Kind::Foot | Kind::Cancel => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
-                        "receiver sent a foot",
+                        format!("receiver sent a {:?} frame", h.kind),
                     ))
                 }
             }
