@@ -116,6 +116,18 @@ fn input(dir: &Path, mib: u64) -> PathBuf {
     path
 }
 
+/// A key file for the encrypted runs (mode 600, so no warning).
+fn key_file(dir: &Path) -> PathBuf {
+    let path = dir.join("bench.key");
+    fs::write(&path, b"benchmark key, not a secret 0123456789").expect("write key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).expect("chmod key");
+    }
+    path
+}
+
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
         .arg(path)
@@ -334,6 +346,20 @@ fn loopback() -> String {
             reports_port: true,
         });
     }
+    // The cost of authentication plus AES-256-GCM on every frame.
+    let key = key_file(&dir).display().to_string();
+    let key2 = key.clone();
+    tools.push(Tool {
+        name: "viamillipede threads 4 --encrypt".into(),
+        rx: Box::new(move |_, out| format!("{vm} rx 127.0.0.1:0 --key-file {key} > {}", q(out))),
+        tx: Box::new(move |port, inp| {
+            format!(
+                "{vm} tx 127.0.0.1 {port} threads 4 --key-file {key2} --encrypt < {}",
+                q(inp)
+            )
+        }),
+        reports_port: true,
+    });
 
     let mut runs: Vec<Vec<Run>> = tools.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
