@@ -168,7 +168,9 @@ fn check(target: Target, input: &[u8], original: &[u8], key: &Key, stats: &mut [
             let direct = Reply::decode(input);
             let _ = wire::read_reply(&mut &input[..]);
             if let Ok((r, n)) = &direct {
-                if std::str::from_utf8(&input[34..34 + r.message.len().min(n - 34)]).is_ok() {
+                // A message that is not UTF-8 decodes lossily, on purpose.
+                let raw_len = usize::from(u16::from_be_bytes([input[30], input[31]]));
+                if std::str::from_utf8(&input[34..34 + raw_len]).is_ok() {
                     let mut b = Vec::new();
                     r.encode(&mut b);
                     // Reasons this version does not know decode as Other, on purpose.
