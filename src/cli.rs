@@ -37,7 +37,7 @@ Memory: tx holds at most (window + 1) feet; rx holds at most
 few MiB for the program itself.
 
 Send SIGUSR1 (or SIGINFO, where the system has it) to either side for a
-report of every connection on stderr.";
+report of every connection on stderr; SIGINT or SIGTERM stops cleanly.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -52,8 +52,13 @@ Examples:
     viamillipede --rx 0 > out
     viamillipede --tx host:PORT --threads 4 --checkphrase abcd < in
 
+With a pre-shared key (copy the file to both hosts) and encryption:
+    head -c 32 /dev/urandom > key && chmod 600 key
+    viamillipede rx 8834 --key-file key > out
+    viamillipede tx host 8834 --key-file key --encrypt < in
+
 Exit status: 0 when every byte was written by the receiver, 1 when the
-transfer failed, 2 for a bad command line.";
+transfer failed, 2 for a bad command line, 128 + N when stopped by signal N.";
 
 /// Words of the original tool that this version does not implement yet.
 const NOT_YET: &[&str] = &[

@@ -469,6 +469,9 @@ fn help_and_version() {
         "Examples",
         "SIGUSR1",
         "Memory",
+        "--key-file",
+        "--encrypt",
+        "SIGTERM",
     ] {
         assert!(help.contains(word), "help lacks {word}");
     }
