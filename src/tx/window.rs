@@ -20,6 +20,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// How long after the start a destination's first connection attempt holds
+/// back worse-ranked destinations: long enough for a reachable one to
+/// connect, short enough that an unreachable one costs little.
+const FIRST_ATTEMPT_GRACE: Duration = Duration::from_secs(1);
+
 /// A numbered slice of the input.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Foot {
@@ -46,6 +51,8 @@ pub enum Next {
 struct Slot {
     rank: usize,
     connected: bool,
+    /// Still on its first connection attempt.
+    first_attempt: bool,
     inflight: Vec<u64>,
 }
 
@@ -95,6 +102,9 @@ pub struct Window {
     changed: Condvar,
     window: u64,
     inflight: usize,
+    /// Until then, a destination still on its first connection attempt holds
+    /// back the worse-ranked ones.
+    grace_until: Instant,
 }
 
 impl Window {
@@ -106,6 +116,7 @@ impl Window {
             .map(|&rank| Slot {
                 rank,
                 connected: false,
+                first_attempt: true,
                 inflight: Vec::new(),
             })
             .collect();
@@ -128,6 +139,7 @@ impl Window {
             changed: Condvar::new(),
             window: u64::from(window),
             inflight: inflight as usize,
+            grace_until: Instant::now() + FIRST_ATTEMPT_GRACE,
         }
     }
 
@@ -175,20 +187,39 @@ impl Window {
                 s.slots[w].inflight.push(id);
                 return Next::Send(Arc::clone(&s.feet[&id]));
             }
-            s = self.wait(s);
+            // The grace for first attempts ends by itself: wake up for it.
+            let left = self.grace_until.saturating_duration_since(Instant::now());
+            s = if left.is_zero() {
+                self.wait(s)
+            } else {
+                self.changed
+                    .wait_timeout(s, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            };
         }
     }
 
-    /// The scheduling rule: w has room, there is a foot, and no live
-    /// connection of a better rank has room for it.
+    /// The scheduling rule: w has room, there is a foot, and no connection
+    /// of a better rank has room for it, or may have soon (its first attempt
+    /// to connect, for a moment after the start).
     fn may_send(&self, s: &State, w: usize) -> bool {
         let me = &s.slots[w];
         if s.queue.is_empty() || me.inflight.len() >= self.inflight {
             return false;
         }
-        !s.slots
-            .iter()
-            .any(|o| o.connected && o.rank < me.rank && o.inflight.len() < self.inflight)
+        let in_grace = Instant::now() < self.grace_until;
+        !s.slots.iter().any(|o| {
+            o.rank < me.rank
+                && ((o.connected && o.inflight.len() < self.inflight)
+                    || (o.first_attempt && in_grace))
+        })
+    }
+
+    /// Worker `w`'s attempt to connect failed.
+    pub fn attempt_failed(&self, w: usize) {
+        self.lock().slots[w].first_attempt = false;
+        self.changed.notify_all();
     }
 
     /// rx has received foot `id` (on worker `w`'s connection).
@@ -221,6 +252,7 @@ impl Window {
     /// Worker `w` has a working connection.
     pub fn connected(&self, w: usize) {
         let mut s = self.lock();
+        s.slots[w].first_attempt = false;
         if !s.slots[w].connected {
             s.slots[w].connected = true;
             s.connected += 1;
@@ -412,6 +444,18 @@ mod tests {
         w.disconnected(0);
         w.ack(1, 1);
         assert_eq!(sent(w.next(1)), 2);
+    }
+
+    #[test]
+    fn a_better_rank_still_connecting_holds_back_the_next_one() {
+        let w = Window::new(8, 1, &[0, 1]);
+        w.connected(1);
+        w.admit(foot(0));
+        let s = w.lock();
+        assert!(!w.may_send(&s, 1), "rank 0 is still on its first attempt");
+        drop(s);
+        w.attempt_failed(0);
+        assert_eq!(sent(w.next(1)), 0);
     }
 
     #[test]

@@ -63,6 +63,7 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
                 break;
             }
             Err(OpenError::Retry(e)) => {
+                shared.window.attempt_failed(w);
                 log::debug!("worker {w}: {e}");
                 shared.window.note_error(e);
             }
