@@ -5,7 +5,7 @@
 //! twins (`--rx 8834 --threads 4`) before clap sees them, so both spellings
 //! share one definition, one validation and one `--help`.
 
-use crate::config::{self, Config, Destination, Mode};
+use crate::config::{self, Config, Destination, Mode, Pacing};
 use crate::crypto::Key;
 use crate::error::Error;
 use crate::protocol::{MAX_FOOT, MAX_WINDOW};
@@ -61,16 +61,7 @@ Exit status: 0 when every byte was written by the receiver, 1 when the
 transfer failed, 2 for a bad command line, 128 + N when stopped by signal N.";
 
 /// Words of the original tool that this version does not implement yet.
-const NOT_YET: &[&str] = &[
-    "prbs",
-    "leglimit",
-    "delayus",
-    "chaos",
-    "checksums",
-    "charmode",
-    "terminate",
-    "initiate",
-];
+const NOT_YET: &[&str] = &["chaos", "checksums", "terminate", "initiate"];
 
 /// The dashed command-line definition.
 #[derive(Parser, Debug)]
@@ -127,6 +118,30 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..=86_400 * 365))]
     pub reconnect_timeout: u64,
 
+    /// tx: send a pseudo-random stream from SEED instead of stdin (until
+    /// leglimit, or forever). rx: check the stream against SEED's, report the
+    /// first byte that differs and exit 1 if any did (still writing it all).
+    /// A disk-free test of a path: `tx host 8834 prbs 7 leglimit 500`.
+    #[arg(long, value_name = "SEED")]
+    pub prbs: Option<u64>,
+
+    /// Stop after N feet (tx).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub leglimit: Option<u64>,
+
+    /// Wait N microseconds before each foot (tx).
+    #[arg(long, value_name = "N")]
+    pub delayus: Option<u64>,
+
+    /// Cap tx's sending rate, in bytes per second (K, M, G suffixes).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub rate: Option<u64>,
+
+    /// Send what has been read at once, without waiting to fill a foot:
+    /// for interactive use (tx). Without it, feet stay full-size.
+    #[arg(long)]
+    pub charmode: bool,
+
     /// A file holding a pre-shared secret (at least 16 bytes; trailing white
     /// space is ignored), given on both sides. Every connection then proves
     /// the key in a challenge-response before any foot is accepted; the key
@@ -168,6 +183,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("the rate must be above 0".into()),
+        n => Ok(n),
+    }
+}
+
 fn parse_foot_size(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
     if !(1024..=u64::from(MAX_FOOT)).contains(&n) {
@@ -179,7 +201,8 @@ fn parse_foot_size(s: &str) -> Result<u32, String> {
 /// How many values each legacy keyword takes.
 fn legacy_arity(word: &str) -> Option<usize> {
     Some(match word {
-        "rx" | "threads" | "verbose" | "checkphrase" => 1,
+        "charmode" => 0,
+        "rx" | "threads" | "verbose" | "checkphrase" | "prbs" | "leglimit" | "delayus" => 1,
         "tx" => 2,
         _ => return None,
     })
@@ -220,7 +243,7 @@ pub fn normalize(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsStrin
                 host.into()
             };
             out.push(format!("{host}:{port}").into());
-        } else {
+        } else if arity == 1 {
             out.push(values[0].clone());
         }
         i += 1 + arity;
@@ -314,6 +337,13 @@ impl Cli {
             key,
             encrypt: self.encrypt,
             warnings,
+            prbs: self.prbs,
+            pacing: Pacing {
+                charmode: self.charmode,
+                leglimit: self.leglimit,
+                delay: self.delayus.map(Duration::from_micros),
+                rate: self.rate,
+            },
             mode,
             threads: self.threads,
             verbose: self.verbose,
@@ -407,6 +437,25 @@ mod tests {
     }
 
     #[test]
+    fn legacy_test_keywords() {
+        let c = config("tx h 1 prbs 7 leglimit 5 delayus 250 charmode --rate 10M").unwrap();
+        assert_eq!(c.prbs, Some(7));
+        assert_eq!(
+            c.pacing,
+            Pacing {
+                charmode: true,
+                leglimit: Some(5),
+                delay: Some(Duration::from_micros(250)),
+                rate: Some(10 << 20),
+            }
+        );
+        assert_eq!(
+            c,
+            config("--tx h:1 --prbs 7 --leglimit 5 --delayus 250 --charmode --rate 10M").unwrap()
+        );
+    }
+
+    #[test]
     fn rx_takes_an_optional_address() {
         assert_eq!(
             config("rx 0").unwrap().mode,
@@ -452,7 +501,9 @@ mod tests {
         assert!(usage("rx 1 checkphrase abc").contains("checkphrase"));
         assert!(usage("rx 1 verbose 21").contains("21"));
         assert!(usage("rx 1 chaos 5").contains("chaos"));
-        assert!(usage("rx 1 --charmode").contains("charmode"));
+        assert!(usage("rx 1 --checksums").contains("checksums"));
+        assert!(usage("tx h 1 leglimit 0").contains("0"));
+        assert!(usage("tx h 1 --rate 0").contains("rate"));
         assert!(usage("").contains("nothing to do"));
         assert!(usage("rx 1 --encrypt").contains("--key-file"));
         assert!(usage("rx 1 --key-file /nonexistent/key").contains("/nonexistent/key"));

@@ -80,6 +80,23 @@ pub struct Config {
     pub encrypt: bool,
     /// Warnings found while parsing (printed once logging is up).
     pub warnings: Vec<String>,
+    /// tx: send this seed's pseudo-random stream; rx: check against it.
+    pub prbs: Option<u64>,
+    /// How tx cuts and paces its input.
+    pub pacing: Pacing,
+}
+
+/// How tx cuts its input into feet and paces them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pacing {
+    /// Send each read at once instead of filling feet.
+    pub charmode: bool,
+    /// Stop after this many feet.
+    pub leglimit: Option<u64>,
+    /// Wait this long before each foot.
+    pub delay: Option<Duration>,
+    /// At most this many bytes per second.
+    pub rate: Option<u64>,
 }
 
 impl Config {

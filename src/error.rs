@@ -32,6 +32,8 @@ pub enum Error {
     GaveUp(String),
     /// A thread of this program panicked.
     Internal(String),
+    /// The data did not match what was expected (prbs).
+    Mismatch(String),
     /// The sender stopped the stream; the message is the sender's.
     Sender(String),
     /// Stopped by this signal (SIGINT, SIGTERM).
@@ -61,7 +63,9 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Usage(m) | Error::GaveUp(m) | Error::Internal(m) => f.write_str(m),
+            Error::Usage(m) | Error::GaveUp(m) | Error::Internal(m) | Error::Mismatch(m) => {
+                f.write_str(m)
+            }
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Peer(m) => write!(f, "receiver: {m}"),
             Error::Sender(m) => write!(f, "sender: {m}"),

@@ -15,6 +15,7 @@ pub mod crypto;
 pub mod error;
 pub mod net;
 pub mod pool;
+pub mod prbs;
 pub mod protocol;
 pub mod reorder;
 pub mod rx;

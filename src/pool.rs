@@ -70,6 +70,21 @@ impl Buffer {
         Ok(())
     }
 
+    /// Replaces the content with what one read of up to `n` bytes returns
+    /// (nothing only at the end of the input).
+    pub fn read_some_from(&mut self, r: &mut impl Read, n: usize) -> io::Result<usize> {
+        self.len = 0;
+        let buf = self.storage(n);
+        let got = loop {
+            match r.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => break other?,
+            }
+        };
+        self.len = got;
+        Ok(got)
+    }
+
     /// Replaces the content with up to `n` bytes from `r`, stopping short
     /// only at the end of the input; returns how many were read.
     pub fn read_full_from(&mut self, r: &mut impl Read, n: usize) -> io::Result<usize> {

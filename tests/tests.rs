@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binary on loopback.
 
 mod hostile;
+mod keywords;
 mod security;
 mod util;
 

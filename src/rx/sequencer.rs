@@ -8,6 +8,7 @@
 use super::state::{Progress, State};
 use super::{Arrived, Event};
 use crate::error::Error;
+use crate::prbs::Verifier;
 use crate::protocol::{Header, Kind};
 use crate::reorder::{Pushed, Reorder};
 use crossbeam_channel::{Receiver, Sender};
@@ -17,6 +18,7 @@ use std::sync::atomic::Ordering;
 /// Writes feet from `feet` to `out` in order until the stream ends.
 pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: Sender<Event>) {
     let mut reorder: Reorder<crate::pool::Buffer> = Reorder::new();
+    let mut verifier = state.config.prbs.map(Verifier::new);
     let mut end: Option<u64> = None;
     for foot in feet {
         if end.is_some_and(|e| foot.id > e) {
@@ -39,7 +41,11 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
             let written =
                 state.write_output(|| out.write_all(&ready.data).and_then(|()| out.flush()));
             match written {
-                Some(Ok(())) => {}
+                Some(Ok(())) => {
+                    if let Some(v) = &mut verifier {
+                        v.check(&ready.data);
+                    }
+                }
                 Some(Err(e)) => {
                     state.end(Progress::Failed(format!("write to stdout: {e}")));
                     let _ = events.send(Event::Finished(Err(Error::io("write to stdout", e))));
@@ -56,7 +62,7 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
                 state.reorder_feet.store(reorder.len(), Ordering::Relaxed);
                 let total = state.written.load(Ordering::Relaxed);
                 state.end(Progress::Complete(total));
-                let _ = events.send(Event::Finished(Ok(total)));
+                let _ = events.send(Event::Finished(verdict(verifier.as_ref(), total)));
                 return;
             }
         }
@@ -64,5 +70,19 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
         if reorder.next() != before {
             state.broadcast(&Header::control(Kind::Window, reorder.next()), b"");
         }
+    }
+}
+
+/// The outcome of a complete stream: with `prbs`, whether it matched.
+fn verdict(verifier: Option<&Verifier>, total: u64) -> crate::error::Result<u64> {
+    match verifier.map(|v| (v.mismatch(), v.checked())) {
+        Some((Some(at), _)) => Err(Error::Mismatch(format!(
+            "prbs: the stream differs from the seed's at byte {at} (of {total} written)"
+        ))),
+        Some((None, checked)) => {
+            log::info!("prbs: {checked} bytes match the seed's stream");
+            Ok(total)
+        }
+        None => Ok(total),
     }
 }

@@ -8,9 +8,10 @@
 pub mod window;
 mod worker;
 
-use crate::config::{Config, Destination};
+use crate::config::{Config, Destination, Pacing};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
+use crate::prbs::Prbs;
 use crate::signals::Reporter;
 use crate::stats::{human_bytes, Clock, Link};
 use crate::Summary;
@@ -28,6 +29,9 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// Sends stdin to `destinations` (most preferred first).
 pub fn run(config: &Config, destinations: &[Destination]) -> Result<Summary> {
+    if let Some(seed) = config.prbs {
+        return send(config, destinations, Prbs::new(seed));
+    }
     let stdin = std::io::stdin()
         .as_fd()
         .try_clone_to_owned()
@@ -71,10 +75,10 @@ pub fn send(
 
     {
         let (window, read) = (Arc::clone(&window), Arc::clone(&read));
-        let foot_size = config.foot_size;
+        let (foot_size, pacing) = (config.foot_size, config.pacing.clone());
         std::thread::Builder::new()
             .name("tx-reader".into())
-            .spawn(move || ingest(input, foot_size, &window, &read))
+            .spawn(move || ingest(input, foot_size, &pacing, &window, &read))
             .map_err(|e| Error::io("spawn reader thread", e))?;
     }
 
@@ -140,20 +144,47 @@ pub fn send(
     })
 }
 
-/// Cuts the input into feet and admits them to the window.
-fn ingest(mut input: impl Read, foot_size: u32, window: &Window, read: &AtomicU64) {
+/// Cuts the input into feet and admits them to the window, paced as asked.
+fn ingest(
+    mut input: impl Read,
+    foot_size: u32,
+    pacing: &Pacing,
+    window: &Window,
+    read: &AtomicU64,
+) {
     // One buffer more than the window: the one being filled.
     let pool = Pool::new(window.size() as usize + 1, foot_size as usize);
+    let start = Instant::now();
+    let mut total = 0u64;
     for id in 0.. {
-        let mut data = pool.take();
-        // Feet are full-size however short the pipe's reads are: only the
-        // end of the input makes a short one.
-        if let Err(e) = data.read_full_from(&mut input, foot_size as usize) {
-            window.finish(Err(Error::io("read stdin", e)));
-            return;
+        if let Some(delay) = pacing.delay {
+            std::thread::sleep(delay);
         }
-        let end = data.len() < foot_size as usize;
+        let mut data = pool.take();
+        let end = if pacing.leglimit.is_some_and(|n| id >= n) {
+            true
+        } else if pacing.charmode {
+            // Whatever one read returns goes at once; only EOF reads nothing.
+            match data.read_some_from(&mut input, foot_size as usize) {
+                Ok(n) => n == 0,
+                Err(e) => return window.finish(Err(Error::io("read stdin", e))),
+            }
+        } else {
+            // Feet are full-size however short the pipe's reads are: only
+            // the end of the input makes a short one.
+            match data.read_full_from(&mut input, foot_size as usize) {
+                Ok(n) => n < foot_size as usize,
+                Err(e) => return window.finish(Err(Error::io("read stdin", e))),
+            }
+        };
+        total += data.len() as u64;
         read.fetch_add(data.len() as u64, Relaxed);
+        if let Some(rate) = pacing.rate {
+            // Token bucket with one foot of burst: no foot leaves before the
+            // bytes up to its end are due.
+            let due = start + Duration::from_secs_f64(total as f64 / rate as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
         if !window.admit(Foot { id, data, end }) || end {
             return;
         }
