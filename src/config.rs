@@ -82,6 +82,8 @@ pub struct Config {
     pub warnings: Vec<String>,
     /// tx: send this seed's pseudo-random stream; rx: check against it.
     pub prbs: Option<u64>,
+    /// Per-foot checksums and a whole-stream digest.
+    pub checksums: bool,
     /// How tx cuts and paces its input.
     pub pacing: Pacing,
 }

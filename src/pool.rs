@@ -108,6 +108,11 @@ impl Buffer {
 }
 
 impl Buffer {
+    /// Keeps only the first `n` bytes of the content.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
     /// The content, for decrypting in place.
     pub fn content_mut(&mut self) -> &mut [u8] {
         &mut self.data[..self.len]

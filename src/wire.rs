@@ -7,12 +7,24 @@
 use crate::crypto::{Opener, Sealer, TAG_LEN};
 use crate::pool::Buffer;
 use crate::protocol::{
-    FrameError, HandshakeError, Header, Hello, Reply, HEADER_LEN, MAX_EXTENSION, MAX_MESSAGE,
+    FrameError, HandshakeError, Header, Hello, Kind, Reply, HEADER_LEN, MAX_EXTENSION, MAX_MESSAGE,
 };
 use std::io::{self, IoSlice, Read, Write};
 
 fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn invalid_msg(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Length of a foot's checksum, when checksums are on.
+pub const CHECKSUM_LEN: usize = 8;
+
+/// A foot's checksum: xxh3-64 of its payload, big-endian.
+pub fn checksum(payload: &[u8]) -> [u8; CHECKSUM_LEN] {
+    xxhash_rust::xxh3::xxh3_64(payload).to_be_bytes()
 }
 
 /// Reads one frame header; decoding failures become `InvalidData` errors.
@@ -63,6 +75,7 @@ pub struct FrameWriter<W> {
     w: W,
     sealer: Option<Sealer>,
     scratch: Vec<u8>,
+    checksums: bool,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -72,25 +85,48 @@ impl<W: Write> FrameWriter<W> {
             w,
             sealer,
             scratch: Vec::new(),
+            checksums: false,
         }
+    }
+
+    /// Appends an xxh3 checksum of each foot's payload to the foot.
+    pub fn with_checksums(mut self, on: bool) -> FrameWriter<W> {
+        self.checksums = on;
+        self
     }
 
     /// Sends one frame; `header.len` is the plain payload's length.
     pub fn send(&mut self, header: &Header, payload: &[u8]) -> io::Result<()> {
         debug_assert_eq!(header.len as usize, payload.len());
+        let sum = (self.checksums && header.kind == Kind::Foot).then(|| checksum(payload));
+        let trailer: &[u8] = match &sum {
+            Some(sum) => sum,
+            None => &[],
+        };
         let Some(sealer) = &mut self.sealer else {
-            return write_frame(&mut self.w, header, payload);
+            let plain = Header {
+                len: header.len + trailer.len() as u32,
+                ..*header
+            };
+            let head = plain.encode();
+            let mut bufs = [
+                IoSlice::new(&head),
+                IoSlice::new(payload),
+                IoSlice::new(trailer),
+            ];
+            return write_all_vectored(&mut self.w, &mut bufs);
         };
         // The shared foot may be sent again elsewhere, so it is sealed in a
         // copy; the header, with the tag counted in its length, is the
         // associated data.
         let sealed = Header {
-            len: header.len + TAG_LEN as u32,
+            len: header.len + (trailer.len() + TAG_LEN) as u32,
             ..*header
         };
         let head = sealed.encode();
         self.scratch.clear();
         self.scratch.extend_from_slice(payload);
+        self.scratch.extend_from_slice(trailer);
         let tag = sealer.seal(&head, &mut self.scratch);
         let mut bufs = [
             IoSlice::new(&head),
@@ -114,6 +150,7 @@ pub struct FrameReader<R> {
     r: R,
     opener: Option<Opener>,
     max_foot: u32,
+    checksums: bool,
     /// The last header as received: the associated data of its payload.
     raw: [u8; HEADER_LEN],
 }
@@ -126,13 +163,28 @@ impl<R: Read> FrameReader<R> {
             r,
             opener,
             max_foot,
+            checksums: false,
             raw: [0; HEADER_LEN],
         }
+    }
+
+    /// Expects an xxh3 checksum after each foot's payload, and checks it.
+    pub fn with_checksums(mut self, on: bool) -> FrameReader<R> {
+        self.checksums = on;
+        self
     }
 
     fn tag_len(&self) -> u32 {
         if self.opener.is_some() {
             TAG_LEN as u32
+        } else {
+            0
+        }
+    }
+
+    fn trailer_len(&self, kind: Kind) -> u32 {
+        if self.checksums && kind == Kind::Foot {
+            CHECKSUM_LEN as u32
         } else {
             0
         }
@@ -144,16 +196,34 @@ impl<R: Read> FrameReader<R> {
     pub fn header(&mut self) -> io::Result<Header> {
         self.r.read_exact(&mut self.raw)?;
         let tag = self.tag_len();
-        let mut h = Header::decode_sealed(&self.raw, self.max_foot, tag).map_err(invalid)?;
-        h.len -= tag;
+        // A foot may carry its checksum beyond the foot size.
+        let max_foot = self
+            .max_foot
+            .saturating_add(CHECKSUM_LEN as u32 * u32::from(self.checksums));
+        let mut h = Header::decode_sealed(&self.raw, max_foot, tag).map_err(invalid)?;
+        let trailer = self.trailer_len(h.kind);
+        if h.len - tag < trailer {
+            return Err(invalid_msg("foot too short to hold its checksum"));
+        }
+        h.len -= tag + trailer;
         Ok(h)
     }
 
     /// Reads the payload of the header just read into `buf` (exactly
-    /// `header.len` bytes), opening it on a sealed connection.
+    /// `header.len` bytes), opening it on a sealed connection and checking
+    /// a foot's checksum.
     pub fn payload(&mut self, header: &Header, buf: &mut Buffer) -> io::Result<()> {
-        buf.read_exact_from(&mut self.r, header.len as usize)?;
-        self.open(buf.content_mut())
+        let trailer = self.trailer_len(header.kind) as usize;
+        buf.read_exact_from(&mut self.r, header.len as usize + trailer)?;
+        self.open(buf.content_mut())?;
+        if trailer > 0 {
+            let n = header.len as usize;
+            if buf[n..] != checksum(&buf[..n]) {
+                return Err(invalid_msg("foot checksum mismatch"));
+            }
+            buf.truncate(n);
+        }
+        Ok(())
     }
 
     /// Reads a short payload (an abort's message) into a fresh vector.

@@ -154,3 +154,70 @@ fn charmode_sends_a_line_at_once_and_without_it_feet_wait_to_fill() {
         assert!(r.wait(DEADLINE).success(), "{}", r.stderr());
     }
 }
+
+/// The digest a side printed at exit.
+fn digest(p: &Proc) -> String {
+    let err = p.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.contains("stream digest"))
+        .unwrap_or_else(|| panic!("{}: no digest:\n{err}", p.name));
+    line.rsplit(' ').next().unwrap().to_string()
+}
+
+#[test]
+fn checksums_print_the_same_digest_on_both_sides() {
+    // Asked by tx in one run and by rx alone in the other: either is enough.
+    for (tx_words, rx_words) in [(vec!["checksums"], vec![]), (vec![], vec!["checksums"])] {
+        let mut rx_args = vec!["verbose", "1"];
+        rx_args.extend(rx_words);
+        let (mut r, port) = rx(&rx_args);
+        let p = port.to_string();
+        let input = Arc::new(data(3 * FOOT + 7, 8));
+        let mut args = vec!["tx", "127.0.0.1", &p, "threads", "3", "verbose", "1"];
+        args.extend(tx_words);
+        let mut t = tx(&args, Arc::clone(&input));
+        expect_delivered(&mut t, &mut r, &input, "checksums");
+        let want = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&input));
+        assert_eq!(digest(&t), want);
+        assert_eq!(digest(&r), want);
+    }
+}
+
+#[test]
+fn a_corrupted_foot_is_caught_by_its_checksum_and_resent() {
+    // One bit flipped inside the first foot; one worker, so that connection
+    // surely carries it. Without checksums the corruption reaches the output.
+    for checksums in [false, true] {
+        let (mut r, port) = rx(&["verbose", "1"]);
+        let proxy = FaultProxy::with(port, |n| Fault {
+            reset_after: None,
+            flip_at: (n == 0).then_some(44 + 16 + 1000),
+        });
+        let pp = proxy.port.to_string();
+        let input = Arc::new(data(2 * FOOT, 9));
+        let mut args = vec!["tx", "127.0.0.1", pp.as_str(), "threads", "1"];
+        if checksums {
+            args.push("checksums");
+        }
+        let mut t = tx(&args, Arc::clone(&input));
+        let (ts, _) = t.output();
+        let (rs, out) = r.output();
+        assert!(
+            ts.success() && rs.success(),
+            "{}\n{}",
+            t.stderr(),
+            r.stderr()
+        );
+        assert_eq!(proxy.flips.load(std::sync::atomic::Ordering::Relaxed), 1);
+        if checksums {
+            assert_same(&out, &input, "with checksums");
+            r.expect_stderr("foot checksum mismatch");
+        } else {
+            assert_ne!(
+                out, *input,
+                "the flipped bit should reach the output without checksums"
+            );
+        }
+    }
+}

@@ -31,8 +31,10 @@ pub const VERSION: u16 = 1;
 pub const FLAG_AUTH: u16 = 0x0001;
 /// Hello flag: tx asks for encryption. Reply flag: the connection is sealed.
 pub const FLAG_ENCRYPT: u16 = 0x0002;
+/// Hello flag: tx asks for per-foot checksums. Reply flag: feet carry them.
+pub const FLAG_CHECKSUMS: u16 = 0x0004;
 /// Every flag this version knows.
-pub const KNOWN_FLAGS: u16 = FLAG_AUTH | FLAG_ENCRYPT;
+pub const KNOWN_FLAGS: u16 = FLAG_AUTH | FLAG_ENCRYPT | FLAG_CHECKSUMS;
 
 /// Length of a [`Hello`] without its extension.
 pub const HELLO_FIXED_LEN: usize = 44;

@@ -8,7 +8,7 @@ use super::state::{Admission, Progress, Session, State};
 use super::{Arrived, Event};
 use crate::crypto::{self, Key, Opener, Sealer, NONCE_LEN, PROOF_LEN};
 use crate::error::Error;
-use crate::protocol::handshake::FLAG_ENCRYPT;
+use crate::protocol::handshake::{FLAG_CHECKSUMS, FLAG_ENCRYPT};
 use crate::protocol::Hello;
 use crate::protocol::{HandshakeError, Header, Kind, Reason, Reply, Status};
 use crate::stats::LinkState;
@@ -34,7 +34,11 @@ pub fn handle(
 ) {
     let accepted = handshake(state, &mut stream, peer);
     drop(handshaking);
-    let (session, channel) = match accepted {
+    let Accepted {
+        session,
+        channel,
+        checksums,
+    } = match accepted {
         Some(s) => s,
         None => {
             state.refused.fetch_add(1, Ordering::Relaxed);
@@ -49,12 +53,15 @@ pub fn handle(
         }
     };
     let (sealer, opener) = channel.unzip();
+    if checksums {
+        state.checksummed.store(true, Ordering::Relaxed);
+    }
     let (key, conn) = state.register(FrameWriter::new(writer, sealer), peer.to_string());
     conn.link.set_state(LinkState::Receiving);
     let _ = events.send(Event::Opened);
     log::info!("{peer}: connected");
 
-    let reader = FrameReader::new(&mut stream, opener, session.foot_size);
+    let reader = FrameReader::new(&mut stream, opener, session.foot_size).with_checksums(checksums);
     let result = receive(state, reader, session, &conn, feet);
     match &result {
         Ok(Some(reason)) => {
@@ -76,14 +83,19 @@ pub fn handle(
     let _ = events.send(Event::Closed(remaining));
 }
 
+/// What was agreed for an accepted connection.
+struct Accepted {
+    session: Session,
+    /// Its keys, when it is encrypted.
+    channel: Option<(Sealer, Opener)>,
+    /// Whether feet carry checksums.
+    checksums: bool,
+}
+
 /// Reads and judges the hello, has the sender prove the key if there is
 /// one, and answers. Returns the session to serve and, when the connection
 /// is encrypted, its keys; None when the connection is not to be served.
-fn handshake(
-    state: &State,
-    stream: &mut TcpStream,
-    peer: SocketAddr,
-) -> Option<(Session, Option<(Sealer, Opener)>)> {
+fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<Accepted> {
     let limit = state.config.handshake_timeout;
     if stream.set_read_timeout(Some(limit)).is_err()
         || stream.set_write_timeout(Some(limit)).is_err()
@@ -140,11 +152,15 @@ fn handshake(
         },
     };
     let encrypt = nonces.is_some() && (hello.flags & FLAG_ENCRYPT != 0 || state.config.encrypt);
+    let checksums = hello.flags & FLAG_CHECKSUMS != 0 || state.config.checksums;
     match state.admit(&hello) {
         Admission::Accept(session, delivered) => {
             let mut accept = Reply::accept(delivered);
             if encrypt {
                 accept.flags |= FLAG_ENCRYPT;
+            }
+            if checksums {
+                accept.flags |= FLAG_CHECKSUMS;
             }
             if !reply(state, stream, &accept) {
                 return None;
@@ -155,7 +171,11 @@ fn handshake(
             let channel = nonces
                 .filter(|_| encrypt)
                 .map(|(key, (tx_nonce, rx_nonce))| key.channel(&tx_nonce, &rx_nonce, false));
-            ok.then_some((session, channel))
+            ok.then_some(Accepted {
+                session,
+                channel,
+                checksums,
+            })
         }
         Admission::Complete(bytes) => {
             reply(

@@ -14,11 +14,14 @@ use crate::reorder::{Pushed, Reorder};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::Write;
 use std::sync::atomic::Ordering;
+use xxhash_rust::xxh3::Xxh3Default;
 
 /// Writes feet from `feet` to `out` in order until the stream ends.
 pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: Sender<Event>) {
     let mut reorder: Reorder<crate::pool::Buffer> = Reorder::new();
     let mut verifier = state.config.prbs.map(Verifier::new);
+    // Cheap next to writing: one pass over a foot already in cache.
+    let mut digest = Xxh3Default::new();
     let mut end: Option<u64> = None;
     for foot in feet {
         if end.is_some_and(|e| foot.id > e) {
@@ -42,6 +45,7 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
                 state.write_output(|| out.write_all(&ready.data).and_then(|()| out.flush()));
             match written {
                 Some(Ok(())) => {
+                    digest.update(&ready.data);
                     if let Some(v) = &mut verifier {
                         v.check(&ready.data);
                     }
@@ -61,6 +65,9 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
             if ready.end {
                 state.reorder_feet.store(reorder.len(), Ordering::Relaxed);
                 let total = state.written.load(Ordering::Relaxed);
+                if state.checksummed.load(Ordering::Relaxed) {
+                    log::info!("stream digest (xxh3-128): {:032x}", digest.digest128());
+                }
                 state.end(Progress::Complete(total));
                 let _ = events.send(Event::Finished(verdict(verifier.as_ref(), total)));
                 return;

@@ -10,7 +10,7 @@ use crate::stats::{Clock, Link};
 use crate::wire::FrameWriter;
 use std::collections::BTreeMap;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// The stream a receiver serves: fixed by the first accepted handshake.
@@ -73,6 +73,8 @@ pub struct State {
     pub reorder_feet: AtomicUsize,
     /// Connections refused or dropped for breaking the protocol.
     pub refused: AtomicU64,
+    /// Whether the stream's feet carry checksums.
+    pub checksummed: AtomicBool,
     /// Connections still in their handshake.
     pub handshaking: AtomicUsize,
     /// Throughput clock.
@@ -124,6 +126,7 @@ impl State {
             reorder_feet: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             handshaking: AtomicUsize::new(0),
+            checksummed: AtomicBool::new(false),
             clock: Clock::new(),
             pool: OnceLock::new(),
             receiver: random_id(),

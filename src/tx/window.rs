@@ -17,6 +17,7 @@
 use crate::error::Error;
 use crate::pool::Buffer;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,8 @@ pub struct Window {
     /// Until then, a destination still on its first connection attempt holds
     /// back the worse-ranked ones.
     grace_until: Instant,
+    /// Whether the receiver agreed to per-foot checksums.
+    checksummed: AtomicBool,
 }
 
 impl Window {
@@ -140,6 +143,7 @@ impl Window {
             window: u64::from(window),
             inflight: inflight as usize,
             grace_until: Instant::now() + FIRST_ATTEMPT_GRACE,
+            checksummed: AtomicBool::new(false),
         }
     }
 
@@ -321,6 +325,16 @@ impl Window {
     /// Why the user stopped the transfer, if they did.
     pub fn cancelled(&self) -> Option<String> {
         self.lock().cancelled.clone()
+    }
+
+    /// Records that feet carry checksums (either side asked).
+    pub fn set_checksummed(&self) {
+        self.checksummed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether feet carried checksums.
+    pub fn checksummed(&self) -> bool {
+        self.checksummed.load(Ordering::Relaxed)
     }
 
     /// Whether the transfer is over.

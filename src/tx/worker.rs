@@ -9,7 +9,7 @@ use super::window::{Next, Window};
 use crate::config::{Config, Destination};
 use crate::crypto::{self, Opener, Sealer, NONCE_LEN, PROOF_LEN};
 use crate::error::Error;
-use crate::protocol::handshake::{FLAG_AUTH, FLAG_ENCRYPT};
+use crate::protocol::handshake::{FLAG_AUTH, FLAG_CHECKSUMS, FLAG_ENCRYPT};
 use crate::protocol::{Header, Hello, Kind, Status};
 use crate::stats::{Link, LinkState};
 use crate::wire::{FrameReader, FrameWriter};
@@ -83,8 +83,14 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     link.set_state(LinkState::Closed);
 }
 
-/// An open connection and, when it is encrypted, its keys.
-type Opened = (TcpStream, Option<(Sealer, Opener)>);
+/// An open connection and what was agreed for it.
+struct Opened {
+    stream: TcpStream,
+    /// Its keys, when it is encrypted.
+    channel: Option<(Sealer, Opener)>,
+    /// Whether feet carry checksums.
+    checksums: bool,
+}
 
 /// Connects and completes the handshake (proving the key, if there is one).
 fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<Opened, OpenError> {
@@ -108,6 +114,9 @@ fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<Opened, OpenErr
     }
     if c.encrypt {
         flags |= FLAG_ENCRYPT;
+    }
+    if c.checksums {
+        flags |= FLAG_CHECKSUMS;
     }
     let hello = Hello {
         flags,
@@ -178,8 +187,19 @@ fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<Opened, OpenErr
                 }
                 (true, ..) => return Err(fatal("encryption without authentication".into())),
             };
+            let checksums = reply.flags & FLAG_CHECKSUMS != 0;
+            if c.checksums && !checksums {
+                return Err(fatal("the receiver did not agree to checksums".into()));
+            }
+            if checksums {
+                shared.window.set_checksummed();
+            }
             shared.window.advance(reply.delivered);
-            Ok((stream, channel))
+            Ok(Opened {
+                stream,
+                channel,
+                checksums,
+            })
         }
         Status::Complete => {
             shared.window.finish(Ok(reply.delivered));
@@ -193,7 +213,12 @@ fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<Opened, OpenErr
 
 /// Sends feet on an established connection until it fails or the transfer
 /// is over.
-fn serve(shared: &Shared, w: usize, (stream, channel): Opened, link: &Link) {
+fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
+    let Opened {
+        stream,
+        channel,
+        checksums,
+    } = opened;
     let window = shared.window;
     let reader = match stream.try_clone() {
         Ok(r) => r,
@@ -205,7 +230,7 @@ fn serve(shared: &Shared, w: usize, (stream, channel): Opened, link: &Link) {
     let (sealer, opener) = channel.unzip();
     // rx never sends feet: a zero bound rejects any payload but an abort's.
     let reader = FrameReader::new(reader, opener, 0);
-    let mut writer = FrameWriter::new(stream, sealer);
+    let mut writer = FrameWriter::new(stream, sealer).with_checksums(checksums);
     window.connected(w);
     link.set_state(LinkState::Idle);
     std::thread::scope(|scope| {
