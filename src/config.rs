@@ -84,6 +84,8 @@ pub struct Config {
     pub prbs: Option<u64>,
     /// Per-foot checksums and a whole-stream digest.
     pub checksums: bool,
+    /// Cut a connection every this many feet sent (tx).
+    pub chaos: Option<u64>,
     /// How tx cuts and paces its input.
     pub pacing: Pacing,
 }

@@ -44,12 +44,15 @@ fn fail(e: &Error) -> ExitCode {
     ExitCode::from(e.exit_code())
 }
 
-/// `verbose N` sets the level unless RUST_LOG says otherwise.
+/// `verbose N` sets the level unless RUST_LOG says otherwise. The logger
+/// itself lets everything through, and the level is the global maximum, so
+/// SIGUSR2 can raise it while running.
 fn init_logging(level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();
-    builder.filter_level(level);
-    if let Ok(spec) = std::env::var("RUST_LOG") {
-        builder.parse_filters(&spec);
+    let spec = std::env::var("RUST_LOG").ok();
+    builder.filter_level(log::LevelFilter::Trace);
+    if let Some(spec) = &spec {
+        builder.parse_filters(spec);
     }
     builder.format(|buf, record| {
         writeln!(
@@ -60,4 +63,7 @@ fn init_logging(level: log::LevelFilter) {
         )
     });
     builder.init();
+    if spec.is_none() {
+        log::set_max_level(level);
+    }
 }

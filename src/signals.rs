@@ -1,7 +1,9 @@
 //! Signals, handled on a thread of their own: SIGUSR1 (and SIGINFO, where
 //! the system has it) prints a report on stderr without touching stdout or
-//! the data path; SIGINT and SIGTERM stop the transfer cleanly.
+//! the data path; SIGUSR2 cycles the log level (warn, info, debug, trace);
+//! SIGINT and SIGTERM stop the transfer cleanly.
 
+use signal_hook::consts::SIGUSR2;
 use signal_hook::iterator::{Handle, Signals};
 use std::io::{self, Write};
 use std::thread::JoinHandle;
@@ -24,6 +26,20 @@ fn report_signals() -> Vec<i32> {
     v
 }
 
+/// Cycles the log level: warn, info, debug, trace, warn, ... Returns the
+/// new level.
+pub fn cycle_log_level() -> log::LevelFilter {
+    use log::LevelFilter::*;
+    let next = match log::max_level() {
+        Off | Error | Warn => Info,
+        Info => Debug,
+        Debug => Trace,
+        Trace => Warn,
+    };
+    log::set_max_level(next);
+    next
+}
+
 /// The signals that stop a transfer cleanly.
 const STOP_SIGNALS: [i32; 2] = [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM];
 
@@ -42,14 +58,21 @@ impl Reporter {
         report: impl Fn() -> String + Send + 'static,
         stop: impl Fn(i32) + Send + 'static,
     ) -> io::Result<Reporter> {
-        let mut signals = Signals::new(report_signals().into_iter().chain(STOP_SIGNALS))?;
+        let handled = report_signals()
+            .into_iter()
+            .chain(STOP_SIGNALS)
+            .chain([SIGUSR2]);
+        let mut signals = Signals::new(handled)?;
         let handle = signals.handle();
         let thread = std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 let mut stopping = false;
                 for sig in signals.forever() {
-                    if !STOP_SIGNALS.contains(&sig) {
+                    if sig == SIGUSR2 {
+                        let level = cycle_log_level();
+                        let _ = writeln!(io::stderr(), "viamillipede: log level now {level}");
+                    } else if !STOP_SIGNALS.contains(&sig) {
                         let text = report();
                         let _ = io::stderr().lock().write_all(text.as_bytes());
                     } else if !stopping {

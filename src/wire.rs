@@ -136,6 +136,13 @@ impl<W: Write> FrameWriter<W> {
         write_all_vectored(&mut self.w, &mut bufs)
     }
 
+    /// Writes a plain foot's header and only the first part of its payload:
+    /// a broken frame, for fault injection.
+    pub fn send_partial(&mut self, header: &Header, part: &[u8]) -> io::Result<()> {
+        let head = header.encode();
+        write_all_vectored(&mut self.w, &mut [IoSlice::new(&head), IoSlice::new(part)])
+    }
+
     /// The underlying writer.
     pub fn get_ref(&self) -> &W {
         &self.w

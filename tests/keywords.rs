@@ -221,3 +221,46 @@ fn a_corrupted_foot_is_caught_by_its_checksum_and_resent() {
         }
     }
 }
+
+#[test]
+fn chaos_cuts_connections_and_the_output_stays_exact() {
+    let (mut r, port) = rx(&[]);
+    let p = port.to_string();
+    let input = Arc::new(data(12 * FOOT + 3, 10));
+    let mut t = tx(
+        &["tx", "127.0.0.1", &p, "threads", "2", "chaos", "3"],
+        Arc::clone(&input),
+    );
+    expect_delivered(&mut t, &mut r, &input, "chaos 3");
+    let err = t.stderr();
+    let line = err
+        .lines()
+        .find(|l| l.contains("chaos 3: injected"))
+        .unwrap_or_else(|| panic!("{err}"));
+    let faults: u64 = line
+        .split("injected ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line:?}"));
+    // At least every third of the 14 feet (13 and the end) was cut.
+    assert!(faults >= 4, "only {faults} faults: {line}");
+}
+
+#[test]
+fn sigusr2_cycles_the_log_level() {
+    let (mut r, port) = rx(&[]);
+    let p = port.to_string();
+    let input = data(2 * FOOT, 11);
+    let (mut t, feed) = tx_fed(&["tx", "127.0.0.1", &p]);
+    feed.send(input[..FOOT].to_vec()).unwrap();
+    r.signal("USR2");
+    r.wait_line("log level now INFO", Duration::from_secs(10));
+    r.signal("USR2");
+    r.wait_line("log level now DEBUG", Duration::from_secs(10));
+    feed.send(input[FOOT..].to_vec()).unwrap();
+    drop(feed);
+    expect_delivered(&mut t, &mut r, &input, "after SIGUSR2");
+    // The raised level shows: debug lines appear though rx started at verbose 0.
+    r.expect_stderr("debug:");
+}

@@ -129,6 +129,9 @@ pub fn send(
     if config.verbose >= 2 {
         log::debug!("{}", report(&window, &links, &clock, sent).trim_end());
     }
+    if let Some(every) = config.chaos {
+        log::warn!("chaos {every}: injected {} faults", window.faults());
+    }
     let bytes = outcome?;
     if let Some(d) = stream_digest.get().filter(|_| window.checksummed()) {
         log::info!("stream digest (xxh3-128): {d:032x}");
@@ -139,10 +142,13 @@ pub fn send(
         )));
     }
     let reconnects: u64 = links.iter().map(Link::reconnects).sum();
-    let detail = format!(
+    let mut detail = format!(
         "{} retransmitted feet, {reconnects} reconnects",
         window.snapshot().retransmits
     );
+    if let Some(every) = config.chaos {
+        detail += &format!(", {} faults injected by chaos {every}", window.faults());
+    }
     Ok(Summary {
         bytes,
         elapsed: clock.elapsed(),

@@ -17,7 +17,7 @@
 use crate::error::Error;
 use crate::pool::Buffer;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,10 @@ pub struct Window {
     grace_until: Instant,
     /// Whether the receiver agreed to per-foot checksums.
     checksummed: AtomicBool,
+    /// Feet handed to connections, for `chaos`.
+    sends: AtomicU64,
+    /// Faults injected by `chaos`.
+    faults: AtomicU64,
 }
 
 impl Window {
@@ -144,6 +148,8 @@ impl Window {
             inflight: inflight as usize,
             grace_until: Instant::now() + FIRST_ATTEMPT_GRACE,
             checksummed: AtomicBool::new(false),
+            sends: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
         }
     }
 
@@ -325,6 +331,22 @@ impl Window {
     /// Why the user stopped the transfer, if they did.
     pub fn cancelled(&self) -> Option<String> {
         self.lock().cancelled.clone()
+    }
+
+    /// Whether the foot about to be sent is the one `chaos every` picks to
+    /// cut: every `every`-th foot sent, counted over all connections.
+    pub fn chaos_strikes(&self, every: u64) -> bool {
+        let n = self.sends.fetch_add(1, Ordering::Relaxed) + 1;
+        let strike = n % every == 0;
+        if strike {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+        }
+        strike
+    }
+
+    /// Faults `chaos` injected.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
     }
 
     /// Records that feet carry checksums (either side asked).

@@ -248,6 +248,18 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
             };
             link.set_state(LinkState::Sending);
             let header = Header::foot(foot.id, foot.data.len() as u32, foot.end);
+            if let Some(every) = shared.config.chaos.filter(|&n| window.chaos_strikes(n)) {
+                // Half the foot, then a reset: the receiver drops the partial
+                // foot and the window sends it again elsewhere.
+                log::info!(
+                    "worker {w}: chaos: cutting the connection in foot {} (every {every} feet)",
+                    foot.id
+                );
+                let half = &foot.data[..foot.data.len() / 2];
+                let _ = writer.send_partial(&header, half);
+                net::abortive_close(writer.get_ref());
+                break;
+            }
             if let Err(e) = writer.send(&header, &foot.data) {
                 log::info!("worker {w}: send foot {}: {e}", foot.id);
                 window.note_error(format!("send: {e}"));
