@@ -438,7 +438,7 @@ fn bad_command_lines_exit_2_naming_the_word() {
         (&["tx", "host", "80", "threads", "0"], "threads"),
         (&["tx", "host", "80", "threads", "100"], "100"),
         (&["rx", "1", "checkphrase", "toolong"], "checkphrase"),
-        (&["rx", "1", "chaos", "3"], "chaos"),
+        (&["rx", "1", "terminate", "3"], "terminate"),
         (&["rx", "99999"], "99999"),
         (&[], "nothing to do"),
     ];
