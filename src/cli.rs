@@ -48,6 +48,10 @@ Examples:
   Prefer a 10G link, spill over to a 1G link when it is saturated:
     tar cf - dir | viamillipede tx 10.0.10.2 8834 tx 192.168.1.2 8834
 
+  A two-way pipe: each end sends its stdin and prints what the other sent:
+    viamillipede rx 4545 tx hostB 4546      (on host A)
+    viamillipede rx 4546 tx hostA 4545      (on host B)
+
   The same with dashed options, on any free port printed by rx:
     viamillipede --rx 0 > out
     viamillipede --tx host:PORT --threads 4 --checkphrase abcd < in
@@ -273,6 +277,16 @@ fn parse_port(s: &str, what: &str) -> Result<u16, Error> {
     })
 }
 
+/// Parses rx's `[ADDR:]PORT`.
+fn parse_listen(rx: &str) -> Result<(Option<String>, u16), Error> {
+    if rx.bytes().all(|b| b.is_ascii_digit()) {
+        Ok((None, parse_port(rx, "rx")?))
+    } else {
+        let (addr, port) = split_host_port(rx, "rx")?;
+        Ok((Some(addr), port))
+    }
+}
+
 /// Splits `HOST:PORT` or `[V6]:PORT`.
 fn split_host_port(s: &str, what: &str) -> Result<(String, u16), Error> {
     let bad = || Error::Usage(format!("'{s}' in {what} is not HOST:PORT"));
@@ -291,47 +305,33 @@ fn split_host_port(s: &str, what: &str) -> Result<(String, u16), Error> {
 impl Cli {
     /// Validates the combination of options into a [`Config`].
     pub fn into_config(self) -> Result<Config, Error> {
-        let mode = match (self.rx, self.tx.is_empty()) {
-            (Some(_), false) => {
-                return Err(Error::Usage(
-                    "rx and tx in one process (duplex) is not supported by this version yet".into(),
-                ))
-            }
+        let listen = self.rx.as_deref().map(parse_listen).transpose()?;
+        let destinations = self
+            .tx
+            .iter()
+            .map(|t| {
+                let (host, port) = split_host_port(t, "tx")?;
+                if port == 0 {
+                    return Err(Error::Usage(format!(
+                        "port 0 in tx '{t}': give the port rx listens on"
+                    )));
+                }
+                Ok(Destination { host, port })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mode = match (listen, destinations.is_empty()) {
             (None, true) => {
                 return Err(Error::Usage(
                     "nothing to do: give 'rx PORT' to receive or 'tx HOST PORT' to send".into(),
                 ))
             }
-            (Some(rx), true) => {
-                if rx.bytes().all(|b| b.is_ascii_digit()) {
-                    Mode::Rx {
-                        addr: None,
-                        port: parse_port(&rx, "rx")?,
-                    }
-                } else {
-                    let (addr, port) = split_host_port(&rx, "rx")?;
-                    Mode::Rx {
-                        addr: Some(addr),
-                        port,
-                    }
-                }
-            }
-            (None, false) => {
-                let destinations = self
-                    .tx
-                    .iter()
-                    .map(|t| {
-                        let (host, port) = split_host_port(t, "tx")?;
-                        if port == 0 {
-                            return Err(Error::Usage(format!(
-                                "port 0 in tx '{t}': give the port rx listens on"
-                            )));
-                        }
-                        Ok(Destination { host, port })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Mode::Tx { destinations }
-            }
+            (Some((addr, port)), true) => Mode::Rx { addr, port },
+            (None, false) => Mode::Tx { destinations },
+            (Some((addr, port)), false) => Mode::Duplex {
+                addr,
+                port,
+                destinations,
+            },
         };
         let mut warnings = Vec::new();
         let key = match &self.key_file {
@@ -476,6 +476,21 @@ mod tests {
     }
 
     #[test]
+    fn rx_and_tx_together_are_a_duplex_pipe() {
+        assert_eq!(
+            config("rx 4545 tx localhost 4546").unwrap().mode,
+            Mode::Duplex {
+                addr: None,
+                port: 4545,
+                destinations: vec![Destination {
+                    host: "localhost".into(),
+                    port: 4546
+                }],
+            }
+        );
+    }
+
+    #[test]
     fn rx_takes_an_optional_address() {
         assert_eq!(
             config("rx 0").unwrap().mode,
@@ -526,7 +541,6 @@ mod tests {
         assert!(usage("").contains("nothing to do"));
         assert!(usage("rx 1 --encrypt").contains("--key-file"));
         assert!(usage("rx 1 --key-file /nonexistent/key").contains("/nonexistent/key"));
-        assert!(usage("rx 1 tx a 2").contains("duplex"));
         assert!(usage("rx 70000").contains("70000"));
         assert!(usage("rx 1 --foot-size 12").contains("foot size"));
         assert!(usage("tx host 0").contains("port 0"));

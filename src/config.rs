@@ -51,6 +51,16 @@ pub enum Mode {
         /// Destinations, most preferred first.
         destinations: Vec<Destination>,
     },
+    /// Both at once: a two-way pipe (stdin to the destinations, what the
+    /// listener receives to stdout).
+    Duplex {
+        /// Address to bind; `None` means every address.
+        addr: Option<String>,
+        /// Port to bind.
+        port: u16,
+        /// Destinations, most preferred first.
+        destinations: Vec<Destination>,
+    },
 }
 
 /// Everything one run needs to know.

@@ -264,3 +264,44 @@ fn sigusr2_cycles_the_log_level() {
     // The raised level shows: debug lines appear though rx started at verbose 0.
     r.expect_stderr("debug:");
 }
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("[::]:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+#[test]
+fn duplex_loops_back_to_itself() {
+    let p = free_port();
+    let mut d = tx(
+        &["rx", &p, "tx", "localhost", &p],
+        Arc::new(b"asdf\n".to_vec()),
+    );
+    let (status, out) = d.output();
+    assert!(status.success(), "{}", d.stderr());
+    assert_eq!(out, b"asdf\n");
+}
+
+#[test]
+fn two_duplex_ends_swap_streams() {
+    let (pa, pb) = (free_port(), free_port());
+    let (a_in, b_in) = (Arc::new(data(5 << 20, 12)), Arc::new(data(3 << 20, 13)));
+    let mut a = tx(
+        &["rx", &pa, "tx", "127.0.0.1", &pb, "threads", "3"],
+        Arc::clone(&a_in),
+    );
+    let mut b = tx(
+        &["rx", &pb, "tx", "127.0.0.1", &pa, "threads", "2"],
+        Arc::clone(&b_in),
+    );
+    let (sa, a_out) = a.output();
+    let (sb, b_out) = b.output();
+    assert!(
+        sa.success() && sb.success(),
+        "{}\n{}",
+        a.stderr(),
+        b.stderr()
+    );
+    assert_same(&a_out, &b_in, "b to a");
+    assert_same(&b_out, &a_in, "a to b");
+}
