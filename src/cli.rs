@@ -5,7 +5,7 @@
 //! twins (`--rx 8834 --threads 4`) before clap sees them, so both spellings
 //! share one definition, one validation and one `--help`.
 
-use crate::config::{self, Config, Destination, Mode, Pacing};
+use crate::config::{self, Config, Destination, Mode, Pacing, Tunnel};
 use crate::crypto::Key;
 use crate::error::Error;
 use crate::protocol::{MAX_FOOT, MAX_WINDOW};
@@ -52,6 +52,11 @@ Examples:
     viamillipede rx 4545 tx hostB 4546      (on host A)
     viamillipede rx 4546 tx hostA 4545      (on host B)
 
+  A TCP tunnel: clients connect to port 8080 on host A, the service runs
+  on port 80 of host B:
+    viamillipede rx 4545 tx hostB 4546 terminate 8080       (on host A)
+    viamillipede rx 4546 tx hostA 4545 initiate localhost 80  (on host B)
+
   The same with dashed options, on any free port printed by rx:
     viamillipede --rx 0 > out
     viamillipede --tx host:PORT --threads 4 --checkphrase abcd < in
@@ -63,9 +68,6 @@ With a pre-shared key (copy the file to both hosts) and encryption:
 
 Exit status: 0 when every byte was written by the receiver, 1 when the
 transfer failed, 2 for a bad command line, 128 + N when stopped by signal N.";
-
-/// Words of the original tool that this version does not implement yet.
-const NOT_YET: &[&str] = &["terminate", "initiate"];
 
 /// The dashed command-line definition.
 #[derive(Parser, Debug)]
@@ -152,6 +154,17 @@ pub struct Cli {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
     pub chaos: Option<u64>,
 
+    /// Tunnel (with rx and tx): accept one TCP connection on PORT and carry
+    /// it over the two-way pipe, both directions, EOF passed through. The
+    /// other end gives --initiate.
+    #[arg(long, value_name = "PORT", conflicts_with = "initiate")]
+    pub terminate: Option<u16>,
+
+    /// Tunnel (with rx and tx): connect to HOST:PORT and carry that
+    /// connection over the two-way pipe. The other end gives --terminate.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub initiate: Option<String>,
+
     /// Check every foot with an xxh3 checksum before it is written (a
     /// mismatch drops the connection and the foot is sent again), and print
     /// a digest of the whole stream at exit (verbose 1) on both sides, to
@@ -220,14 +233,14 @@ fn legacy_arity(word: &str) -> Option<usize> {
     Some(match word {
         "charmode" | "checksums" => 0,
         "rx" | "threads" | "verbose" | "checkphrase" | "prbs" | "leglimit" | "delayus"
-        | "chaos" => 1,
-        "tx" => 2,
+        | "chaos" | "terminate" => 1,
+        "tx" | "initiate" => 2,
         _ => return None,
     })
 }
 
 /// Rewrites legacy keywords into dashed options, leaving everything else as
-/// it is; rejects the keywords this version does not implement yet.
+/// it is.
 pub fn normalize(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsString>, Error> {
     let mut args = args.into_iter();
     let mut out: Vec<OsString> = args.next().into_iter().collect();
@@ -235,12 +248,6 @@ pub fn normalize(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsStrin
     let mut i = 0;
     while i < words.len() {
         let word = words[i].to_string_lossy();
-        let bare = word.trim_start_matches('-');
-        if NOT_YET.contains(&bare) && (bare == word || word.starts_with("--")) {
-            return Err(Error::Usage(format!(
-                "'{bare}' is not supported by this version of viamillipede yet"
-            )));
-        }
         let Some(arity) = legacy_arity(&word) else {
             out.push(words[i].clone());
             i += 1;
@@ -248,11 +255,11 @@ pub fn normalize(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsStrin
         };
         let values = &words[i + 1..];
         if values.len() < arity {
-            let need = if word == "tx" { "HOST PORT" } else { "a value" };
+            let need = if arity == 2 { "HOST PORT" } else { "a value" };
             return Err(Error::Usage(format!("'{word}' needs {need}")));
         }
         out.push(format!("--{word}").into());
-        if word == "tx" {
+        if arity == 2 {
             let host = values[0].to_string_lossy();
             let port = values[1].to_string_lossy();
             let host = if host.contains(':') && !host.starts_with('[') {
@@ -331,7 +338,38 @@ impl Cli {
                 addr,
                 port,
                 destinations,
+                tunnel: None,
             },
+        };
+        let tunnel = match (self.terminate, &self.initiate) {
+            (Some(port), _) => Some(Tunnel::Terminate(port)),
+            (None, Some(dest)) => {
+                let (host, port) = split_host_port(dest, "initiate")?;
+                Some(Tunnel::Initiate(Destination { host, port }))
+            }
+            (None, None) => None,
+        };
+        let mode = match (mode, tunnel) {
+            (
+                Mode::Duplex {
+                    addr,
+                    port,
+                    destinations,
+                    ..
+                },
+                tunnel,
+            ) => Mode::Duplex {
+                addr,
+                port,
+                destinations,
+                tunnel,
+            },
+            (_, Some(_)) => {
+                return Err(Error::Usage(
+                    "a tunnel (terminate/initiate) runs over a two-way pipe: give both rx PORT and tx HOST PORT".into(),
+                ))
+            }
+            (mode, None) => mode,
         };
         let mut warnings = Vec::new();
         let key = match &self.key_file {
@@ -486,8 +524,24 @@ mod tests {
                     host: "localhost".into(),
                     port: 4546
                 }],
+                tunnel: None,
             }
         );
+        let Mode::Duplex { tunnel, .. } = config("rx 1 tx h 2 initiate ::1 80").unwrap().mode
+        else {
+            panic!("not duplex")
+        };
+        let dest = Destination {
+            host: "::1".into(),
+            port: 80,
+        };
+        assert_eq!(tunnel, Some(Tunnel::Initiate(dest)));
+        let Mode::Duplex { tunnel, .. } = config("rx 1 tx h 2 terminate 8080").unwrap().mode else {
+            panic!("not duplex")
+        };
+        assert_eq!(tunnel, Some(Tunnel::Terminate(8080)));
+        assert!(usage("rx 1 terminate 8080").contains("two-way pipe"));
+        assert!(usage("rx 1 tx h 2 terminate 8 initiate h 9").contains("terminate"));
     }
 
     #[test]

@@ -60,7 +60,18 @@ pub enum Mode {
         port: u16,
         /// Destinations, most preferred first.
         destinations: Vec<Destination>,
+        /// A TCP connection carried in place of stdin and stdout.
+        tunnel: Option<Tunnel>,
     },
+}
+
+/// The TCP connection a two-way pipe carries instead of stdin and stdout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tunnel {
+    /// Accept one connection on this port.
+    Terminate(u16),
+    /// Connect to this address.
+    Initiate(Destination),
 }
 
 /// Everything one run needs to know.

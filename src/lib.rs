@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod duplex;
 pub mod error;
 pub mod net;
 pub mod pool;
@@ -47,39 +48,7 @@ pub fn run(config: &Config) -> error::Result<Summary> {
             addr,
             port,
             destinations,
-        } => duplex(config, addr.clone(), *port, destinations),
-    }
-}
-
-/// Runs both wings at once; succeeds when both do.
-fn duplex(
-    config: &Config,
-    addr: Option<String>,
-    port: u16,
-    destinations: &[config::Destination],
-) -> error::Result<Summary> {
-    let rx_config = config.clone();
-    let receiving = std::thread::Builder::new()
-        .name("rx".into())
-        .spawn(move || rx::run(&rx_config, addr.as_deref(), port))
-        .map_err(|e| error::Error::io("spawn the receiving side", e))?;
-    let sent = tx::run(config, destinations);
-    let received = receiving
-        .join()
-        .unwrap_or_else(|_| Err(error::Error::Internal("the receiving side panicked".into())));
-    match (sent, received) {
-        (Ok(s), Ok(r)) => Ok(Summary {
-            bytes: s.bytes + r.bytes,
-            elapsed: s.elapsed.max(r.elapsed),
-            detail: format!(
-                "sent {} bytes ({}), received {} bytes ({})",
-                s.bytes, s.detail, r.bytes, r.detail
-            ),
-        }),
-        (Err(e), Ok(_)) | (Ok(_), Err(e)) => Err(e),
-        (Err(se), Err(re)) => {
-            log::error!("receiving: {re}");
-            Err(se)
-        }
+            tunnel,
+        } => duplex::run(config, addr.clone(), *port, destinations, tunnel.as_ref()),
     }
 }

@@ -3,6 +3,7 @@
 mod hostile;
 mod keywords;
 mod security;
+mod tunnel;
 mod util;
 
 use std::io::{Read, Write};

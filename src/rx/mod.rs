@@ -58,6 +58,16 @@ pub fn run(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::io("open stdout", e))?;
+    run_into(config, addr, port, File::from(stdout))
+}
+
+/// Listens as `config` says and writes the stream to `out`.
+pub fn run_into(
+    config: &Config,
+    addr: Option<&str>,
+    port: u16,
+    out: impl Write + Send + 'static,
+) -> Result<Summary> {
     let listener = net::listen(addr, port).map_err(|e| {
         let shown = match addr {
             Some(a) if a.contains(':') => format!("[{a}]:{port}"),
@@ -66,7 +76,7 @@ pub fn run(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
         };
         Error::io(format!("listen on {shown}"), e)
     })?;
-    receive(config, listener, File::from(stdout), |addr| {
+    receive(config, listener, out, |addr| {
         let _ = writeln!(std::io::stderr(), "viamillipede: listening on {addr}");
     })
 }
