@@ -41,30 +41,54 @@ report of every connection on stderr; SIGINT or SIGTERM stops cleanly.";
 
 const EXAMPLES: &str = "\
 Examples:
-  Receive on port 8834 into zfs, send a snapshot with 16 connections:
-    viamillipede rx 8834 | zfs recv tank/fs
-    zfs send pool/fs@snap | viamillipede tx backup.example.net 8834 threads 16
+  Simple operation:
+    viamillipede rx 8834 > /tmp/despair
+    cat /tmp/Osymandias | viamillipede tx host1.yoyodyne.com 8834
 
-  Prefer a 10G link, spill over to a 1G link when it is saturated:
-    tar cf - dir | viamillipede tx 10.0.10.2 8834 tx 192.168.1.2 8834
+  zfs send and receive over 16 connections:
+    zfs send dozer/visage | viamillipede tx foriegn.shore.net 8834 threads 16
+    viamillipede rx 8834 | zfs recv trinity/destset
 
-  A two-way pipe: each end sends its stdin and prints what the other sent:
-    viamillipede rx 4545 tx hostB 4546      (on host A)
-    viamillipede rx 4546 tx hostA 4545      (on host B)
+  Ranked links: fill the first, spill over to the next when it is saturated:
+    viamillipede tx host1.40g-infiniband.yoyodyne.com 9090 \\
+                 tx host1.internal10g.yoyodyne.com 9090 \\
+                 tx host1.expensive-last-resort.yoyodyne.com 9090 < data
 
-  A TCP tunnel: clients connect to port 8080 on host A, the service runs
-  on port 80 of host B:
-    viamillipede rx 4545 tx hostB 4546 terminate 8080       (on host A)
-    viamillipede rx 4546 tx hostA 4545 initiate localhost 80  (on host B)
+  A two-way pipe, sending what is typed at once (charmode):
+    viamillipede rx 7788 tx host2 9900 charmode      (on host1)
+    viamillipede rx 9900 tx host1 7788 charmode      (on host2)
 
-  The same with dashed options, on any free port printed by rx:
-    viamillipede --rx 0 > out
-    viamillipede --tx host:PORT --threads 4 --checkphrase abcd < in
+  Tunnel ssh from port 9022 on host1 to port 22 on host2, then
+  ssh -p 9022 localhost on host1:
+    viamillipede rx 7788 tx host2 9900 terminate 9022         (on host1)
+    viamillipede rx 9900 tx host1 7788 initiate localhost 22  (on host2)
 
-With a pre-shared key (copy the file to both hosts) and encryption:
+  Test a path without disks: a pseudo-random stream of 500 feet, checked
+  on arrival, with per-foot checksums; or both ends in one process:
+    viamillipede rx 3434 prbs 0xd00f > /dev/null
+    viamillipede tx host 3434 prbs 0xd00f leglimit 500 checksums
+    viamillipede prbs 0xd00f tx localhost 3434 rx 3434 leglimit 50 > /dev/null
+
+  Cut a connection every 1731 feet (fault injection); guard against a
+  stale receiver with a checkphrase; log more:
+    viamillipede rx 12334 checkphrase wat! verbose 5 > out
+    viamillipede tx localhost 12334 chaos 1731 checkphrase wat! < in
+
+  Pace the sender: wait 1 ms before each foot, or cap it at 50 MiB/s:
+    viamillipede tx host 8834 delayus 1000 < in
+    viamillipede tx host 8834 --rate 50M < in
+
+  With a pre-shared key (copy the file to both hosts) and encryption:
     head -c 32 /dev/urandom > key && chmod 600 key
     viamillipede rx 8834 --key-file key > out
     viamillipede tx host 8834 --key-file key --encrypt < in
+
+  Dashed options, on any free port printed by rx:
+    viamillipede --rx 0 > out
+    viamillipede --tx host:PORT --threads 4 --checkphrase abcd < in
+
+Signals: SIGUSR1 (SIGINFO) prints a report of every connection on stderr;
+SIGUSR2 cycles the log level; SIGINT and SIGTERM stop cleanly.
 
 Exit status: 0 when every byte was written by the receiver, 1 when the
 transfer failed, 2 for a bad command line, 128 + N when stopped by signal N.";
@@ -128,7 +152,7 @@ pub struct Cli {
     /// leglimit, or forever). rx: check the stream against SEED's, report the
     /// first byte that differs and exit 1 if any did (still writing it all).
     /// A disk-free test of a path: `tx host 8834 prbs 7 leglimit 500`.
-    #[arg(long, value_name = "SEED")]
+    #[arg(long, value_name = "SEED", value_parser = parse_seed)]
     pub prbs: Option<u64>,
 
     /// Stop after N feet (tx).
@@ -169,7 +193,7 @@ pub struct Cli {
     /// mismatch drops the connection and the foot is sent again), and print
     /// a digest of the whole stream at exit (verbose 1) on both sides, to
     /// compare. Either side asking is enough.
-    #[arg(long)]
+    #[arg(long, alias = "checksum")]
     pub checksums: bool,
 
     /// A file holding a pre-shared secret (at least 16 bytes; trailing white
@@ -213,6 +237,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A seed in decimal or, as the original tool's examples give it, hex
+/// (`0xd00f`).
+fn parse_seed(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("'{s}' is not a seed (a number, decimal or 0x hex)"))
+}
+
 fn parse_rate(s: &str) -> Result<u64, String> {
     match parse_size(s)? {
         0 => Err("the rate must be above 0".into()),
@@ -231,7 +265,7 @@ fn parse_foot_size(s: &str) -> Result<u32, String> {
 /// How many values each legacy keyword takes.
 fn legacy_arity(word: &str) -> Option<usize> {
     Some(match word {
-        "charmode" | "checksums" => 0,
+        "charmode" | "checksums" | "checksum" => 0,
         "rx" | "threads" | "verbose" | "checkphrase" | "prbs" | "leglimit" | "delayus"
         | "chaos" | "terminate" => 1,
         "tx" | "initiate" => 2,
@@ -488,6 +522,14 @@ mod tests {
         assert_eq!(destinations[1].to_string(), "[::1]:9000");
         assert_eq!(config("rx 8834").unwrap(), config("--rx 8834").unwrap());
         assert_eq!(config("threads 2 rx 1").unwrap().threads, 2);
+    }
+
+    #[test]
+    fn the_original_spellings_work() {
+        let c = config("tx h 1 prbs 0xd00f checksum").unwrap();
+        assert_eq!(c.prbs, Some(0xd00f));
+        assert!(c.checksums);
+        assert!(usage("tx h 1 prbs 0xgg").contains("seed"));
     }
 
     #[test]

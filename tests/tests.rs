@@ -362,6 +362,7 @@ fn a_wrong_checkphrase_is_refused_and_rx_keeps_waiting() {
     );
     assert_eq!(wrong.wait(Duration::from_secs(20)).code(), Some(1));
     wrong.expect_stderr("checkphrase mismatch");
+    r.wait_line("refused: checkphrase mismatch", Duration::from_secs(10));
     let input = Arc::new(data(FOOT + 1, 31));
     let mut right = tx(
         &["--tx", &format!("127.0.0.1:{p}"), "--checkphrase", "abcd"],
@@ -490,4 +491,44 @@ fn a_busy_port_is_a_clear_error() {
     let (mut p, _) = Proc::spawn("rx", &["rx", &port], Out::Collect);
     assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(1));
     p.expect_stderr(&format!("listen on port {port}"));
+}
+
+#[test]
+fn the_man_page_is_current() {
+    // Regenerate with: VIAMILLIPEDE_BLESS=1 cargo test the_man_page_is_current
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(viamillipede::cli::Cli::command())
+        .render(&mut page)
+        .expect("render the man page");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("viamillipede.1");
+    if std::env::var_os("VIAMILLIPEDE_BLESS").is_some() {
+        std::fs::write(&path, &page).expect("write viamillipede.1");
+    }
+    let committed = std::fs::read(&path).unwrap_or_default();
+    assert!(
+        committed == page,
+        "viamillipede.1 is out of date: VIAMILLIPEDE_BLESS=1 cargo test the_man_page_is_current"
+    );
+    let text = String::from_utf8(page).unwrap();
+    for word in [
+        "rx",
+        "tx",
+        "threads",
+        "verbose",
+        "checkphrase",
+        "prbs",
+        "leglimit",
+        "delayus",
+        "chaos",
+        "checksums",
+        "charmode",
+        "terminate",
+        "initiate",
+        "key\\-file",
+        "encrypt",
+        "Examples",
+    ] {
+        assert!(text.contains(word), "the man page lacks {word}");
+    }
 }
