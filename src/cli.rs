@@ -5,7 +5,7 @@
 //! twins (`--rx 8834 --threads 4`) before clap sees them, so both spellings
 //! share one definition, one validation and one `--help`.
 
-use crate::config::{self, Config, Destination, Mode, Pacing, Tunnel};
+use crate::config::{self, Config, Destination, Mode, Pacing, SocketOptions, Tunnel};
 use crate::crypto::Key;
 use crate::error::Error;
 use crate::protocol::{MAX_FOOT, MAX_WINDOW};
@@ -196,6 +196,30 @@ pub struct Cli {
     #[arg(long, alias = "checksum")]
     pub checksums: bool,
 
+    /// Send every connection from this local address (tx), pinning the
+    /// traffic to an interface; `--tx HOST:PORT@ADDR` sets it per destination.
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<std::net::IpAddr>,
+
+    /// Socket send buffer in bytes (K, M suffixes); the kernel autotunes it
+    /// when unset.
+    #[arg(long, value_name = "BYTES", value_parser = parse_buffer)]
+    pub sndbuf: Option<usize>,
+
+    /// Socket receive buffer in bytes (K, M suffixes); the kernel autotunes
+    /// it when unset.
+    #[arg(long, value_name = "BYTES", value_parser = parse_buffer)]
+    pub rcvbuf: Option<usize>,
+
+    /// Disable Nagle's algorithm on every connection.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nodelay: bool,
+
+    /// TCP congestion control for every connection (Linux), e.g. bbr or
+    /// cubic; refused at start if the kernel does not allow it.
+    #[arg(long, value_name = "ALGO")]
+    pub cc: Option<String>,
+
     /// A file holding a pre-shared secret (at least 16 bytes; trailing white
     /// space is ignored), given on both sides. Every connection then proves
     /// the key in a challenge-response before any foot is accepted; the key
@@ -245,6 +269,23 @@ fn parse_seed(s: &str) -> Result<u64, String> {
         None => s.parse(),
     };
     parsed.map_err(|_| format!("'{s}' is not a seed (a number, decimal or 0x hex)"))
+}
+
+fn parse_buffer(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if !(4096..=1 << 30).contains(&n) {
+        return Err(format!(
+            "a socket buffer must be between 4K and 1G, not {s}"
+        ));
+    }
+    Ok(n as usize)
+}
+
+fn parse_ip(s: &str, what: &str) -> Result<std::net::IpAddr, Error> {
+    s.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| Error::Usage(format!("'{s}' in {what} is not an IP address")))
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -351,13 +392,18 @@ impl Cli {
             .tx
             .iter()
             .map(|t| {
+                // HOST:PORT@LOCAL sends from a local address of its own.
+                let (t, local) = match t.rsplit_once('@') {
+                    Some((t, local)) => (t, Some(parse_ip(local, "tx")?)),
+                    None => (t.as_str(), self.bind),
+                };
                 let (host, port) = split_host_port(t, "tx")?;
                 if port == 0 {
                     return Err(Error::Usage(format!(
                         "port 0 in tx '{t}': give the port rx listens on"
                     )));
                 }
-                Ok(Destination { host, port })
+                Ok(Destination { host, port, local })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mode = match (listen, destinations.is_empty()) {
@@ -379,7 +425,7 @@ impl Cli {
             (Some(port), _) => Some(Tunnel::Terminate(port)),
             (None, Some(dest)) => {
                 let (host, port) = split_host_port(dest, "initiate")?;
-                Some(Tunnel::Initiate(Destination { host, port }))
+                Some(Tunnel::Initiate(Destination::new(host, port)))
             }
             (None, None) => None,
         };
@@ -419,7 +465,16 @@ impl Cli {
                 "--encrypt needs a key: give --key-file FILE".into(),
             ));
         }
+        if let Some(cc) = &self.cc {
+            crate::net::check_cc(cc).map_err(Error::Usage)?;
+        }
         Ok(Config {
+            socket: SocketOptions {
+                sndbuf: self.sndbuf,
+                rcvbuf: self.rcvbuf,
+                nodelay: self.nodelay,
+                cc: self.cc,
+            },
             key,
             encrypt: self.encrypt,
             warnings,
@@ -512,13 +567,7 @@ mod tests {
         let Mode::Tx { destinations } = &legacy.mode else {
             panic!()
         };
-        assert_eq!(
-            destinations[1],
-            Destination {
-                host: "::1".into(),
-                port: 9000
-            }
-        );
+        assert_eq!(destinations[1], Destination::new("::1", 9000));
         assert_eq!(destinations[1].to_string(), "[::1]:9000");
         assert_eq!(config("rx 8834").unwrap(), config("--rx 8834").unwrap());
         assert_eq!(config("threads 2 rx 1").unwrap().threads, 2);
@@ -562,10 +611,7 @@ mod tests {
             Mode::Duplex {
                 addr: None,
                 port: 4545,
-                destinations: vec![Destination {
-                    host: "localhost".into(),
-                    port: 4546
-                }],
+                destinations: vec![Destination::new("localhost", 4546)],
                 tunnel: None,
             }
         );
@@ -573,10 +619,7 @@ mod tests {
         else {
             panic!("not duplex")
         };
-        let dest = Destination {
-            host: "::1".into(),
-            port: 80,
-        };
+        let dest = Destination::new("::1", 80);
         assert_eq!(tunnel, Some(Tunnel::Initiate(dest)));
         let Mode::Duplex { tunnel, .. } = config("rx 1 tx h 2 terminate 8080").unwrap().mode else {
             panic!("not duplex")
@@ -649,5 +692,63 @@ mod tests {
         assert_eq!(parse_size("7"), Ok(7));
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999999G").is_err());
+    }
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    fn config(line: &str) -> Result<Config, Error> {
+        let args = std::iter::once("viamillipede")
+            .chain(line.split_whitespace())
+            .map(OsString::from);
+        match parse(args)? {
+            Parsed::Run(c) => Ok(*c),
+            Parsed::Print(p) => panic!("unexpected print: {p}"),
+        }
+    }
+
+    #[test]
+    fn local_addresses_per_destination_and_for_all() {
+        let c = config("--tx h:1@127.0.0.5 --tx [::1]:2@[::1] tx h 3 --bind 127.0.0.9").unwrap();
+        let Mode::Tx { destinations } = c.mode else {
+            panic!("not tx")
+        };
+        let locals: Vec<_> = destinations
+            .iter()
+            .map(|d| d.local.map(|l| l.to_string()))
+            .collect();
+        assert_eq!(
+            locals,
+            [
+                Some("127.0.0.5".into()),
+                Some("::1".into()),
+                Some("127.0.0.9".into())
+            ]
+        );
+        assert_eq!(destinations[1].host, "::1");
+        assert!(
+            matches!(config("--tx h:1@nowhere"), Err(Error::Usage(m)) if m.contains("nowhere"))
+        );
+    }
+
+    #[test]
+    fn socket_knobs() {
+        let c = config("tx h 1 --sndbuf 256K --rcvbuf 1M --nodelay false").unwrap();
+        assert_eq!(
+            c.socket,
+            SocketOptions {
+                sndbuf: Some(256 << 10),
+                rcvbuf: Some(1 << 20),
+                nodelay: false,
+                cc: None
+            }
+        );
+        assert!(config("tx h 1").unwrap().socket.nodelay);
+        assert!(matches!(config("tx h 1 --sndbuf 1"), Err(Error::Usage(m)) if m.contains("4K")));
+        assert!(
+            matches!(config("tx h 1 --cc no-such-algorithm"), Err(Error::Usage(m)) if m.contains("refused"))
+        );
     }
 }

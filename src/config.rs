@@ -24,6 +24,43 @@ pub struct Destination {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// Local address to send from, pinning the traffic to an interface.
+    pub local: Option<std::net::IpAddr>,
+}
+
+impl Destination {
+    /// A destination sent to from any local address.
+    pub fn new(host: impl Into<String>, port: u16) -> Destination {
+        Destination {
+            host: host.into(),
+            port,
+            local: None,
+        }
+    }
+}
+
+/// Options for every data socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketOptions {
+    /// Send buffer size (SO_SNDBUF); the kernel's autotuning when unset.
+    pub sndbuf: Option<usize>,
+    /// Receive buffer size (SO_RCVBUF); the kernel's autotuning when unset.
+    pub rcvbuf: Option<usize>,
+    /// Disable Nagle's algorithm (on by default).
+    pub nodelay: bool,
+    /// TCP congestion control algorithm (Linux), e.g. bbr or cubic.
+    pub cc: Option<String>,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            sndbuf: None,
+            rcvbuf: None,
+            nodelay: true,
+            cc: None,
+        }
+    }
 }
 
 impl std::fmt::Display for Destination {
@@ -107,6 +144,8 @@ pub struct Config {
     pub checksums: bool,
     /// Cut a connection every this many feet sent (tx).
     pub chaos: Option<u64>,
+    /// Options for every data socket.
+    pub socket: SocketOptions,
     /// How tx cuts and paces its input.
     pub pacing: Pacing,
 }

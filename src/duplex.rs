@@ -43,13 +43,13 @@ pub fn run(
             let (sockets, socket) = crossbeam_channel::bounded(2);
             match tunnel {
                 Tunnel::Initiate(dest) => {
-                    let s = net::connect(dest, CONNECT_TIMEOUT)
+                    let s = net::connect(dest, CONNECT_TIMEOUT, &config.socket)
                         .map_err(|e| Error::io(format!("tunnel: connect to {dest}"), e))?;
                     log::info!("tunnel: connected to {dest}");
                     hand_over(&sockets, s)?;
                 }
                 Tunnel::Terminate(tport) => {
-                    let listener = net::listen(None, *tport)
+                    let listener = net::listen(None, *tport, &config.socket)
                         .map_err(|e| Error::io(format!("tunnel: listen on port {tport}"), e))?;
                     let local = listener
                         .local_addr()

@@ -3,6 +3,7 @@
 mod hostile;
 mod keywords;
 mod security;
+mod sockets;
 mod tunnel;
 mod util;
 

@@ -167,7 +167,7 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
             }
             let ok = stream.set_read_timeout(None).is_ok()
                 && stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_ok();
-            let ok = ok && net::tune(stream).is_ok();
+            let ok = ok && net::tune(stream, &state.config.socket).is_ok();
             let channel = nonces
                 .filter(|_| encrypt)
                 .map(|(key, (tx_nonce, rx_nonce))| key.channel(&tx_nonce, &rx_nonce, false));

@@ -68,7 +68,7 @@ pub fn run_into(
     port: u16,
     out: impl Write + Send + 'static,
 ) -> Result<Summary> {
-    let listener = net::listen(addr, port).map_err(|e| {
+    let listener = net::listen(addr, port, &config.socket).map_err(|e| {
         let shown = match addr {
             Some(a) if a.contains(':') => format!("[{a}]:{port}"),
             Some(a) => format!("{a}:{port}"),

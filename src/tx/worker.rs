@@ -98,9 +98,9 @@ fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<Opened, OpenErr
     let retry =
         |what: &str, e: &dyn std::fmt::Display| OpenError::Retry(format!("{what} {dest}: {e}"));
     let fatal = |msg: String| OpenError::Fatal(Error::Peer(format!("{dest}: {msg}")));
-    let mut stream = net::connect(dest, CONNECT_TIMEOUT.min(c.reconnect_timeout))
+    let mut stream = net::connect(dest, CONNECT_TIMEOUT.min(c.reconnect_timeout), &c.socket)
         .map_err(|e| retry("connect to", &e))?;
-    net::tune(&stream).map_err(|e| retry("set options on connection to", &e))?;
+    net::tune(&stream, &c.socket).map_err(|e| retry("set options on connection to", &e))?;
     stream
         .set_read_timeout(Some(c.handshake_timeout))
         .map_err(|e| retry("set timeout on", &e))?;
