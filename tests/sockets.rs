@@ -27,8 +27,7 @@ fn bind_pins_the_source_address_for_all_or_per_destination() {
     ]);
     feed.send(input[..FOOT].to_vec()).unwrap();
     // Each destination's connection comes from its own address.
-    r.wait_line("127.0.0.4", Duration::from_secs(10));
-    r.wait_line("127.0.0.5", Duration::from_secs(10));
+    r.wait_lines(&["127.0.0.4", "127.0.0.5"], Duration::from_secs(10));
     feed.send(input[FOOT..].to_vec()).unwrap();
     drop(feed);
     expect_delivered(&mut t, &mut r, &input, "per-destination source");

@@ -148,6 +148,23 @@ impl Proc {
         );
     }
 
+    /// Waits until stderr lines containing each of `needles` have appeared,
+    /// in any order; panics at the deadline.
+    pub fn wait_lines(&self, needles: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut missing: Vec<&str> = needles.to_vec();
+        while !missing.is_empty() {
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) => missing.retain(|n| !line.contains(n)),
+                Err(_) => panic!(
+                    "{}: no stderr lines with {missing:?} within {within:?}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
     /// Waits for a stderr line containing `needle`; panics at the deadline.
     pub fn wait_line(&self, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
