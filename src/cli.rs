@@ -9,7 +9,7 @@ use crate::config::{self, Config, Destination, Mode, Pacing, SocketOptions, Tunn
 use crate::crypto::Key;
 use crate::error::Error;
 use crate::protocol::{MAX_FOOT, MAX_WINDOW};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use std::ffi::OsString;
 use std::time::Duration;
 
@@ -232,6 +232,11 @@ pub struct Cli {
     /// either side asking is enough.
     #[arg(long)]
     pub encrypt: bool,
+
+    /// Print a completion script for this shell and exit, e.g.
+    /// `viamillipede --completions bash > /etc/bash_completion.d/viamillipede`.
+    #[arg(long, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
 
     /// Seconds a new connection has to complete its handshake (rx).
     #[arg(long, value_name = "SECS", default_value_t = config::HANDSHAKE_TIMEOUT.as_secs(),
@@ -513,6 +518,11 @@ pub enum Parsed {
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> {
     let args = normalize(args)?;
     match Cli::try_parse_from(args) {
+        Ok(Cli { completions: Some(shell), .. }) => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "viamillipede", &mut script);
+            Ok(Parsed::Print(String::from_utf8_lossy(&script).into_owned()))
+        }
         Ok(cli) => cli.into_config().map(|c| Parsed::Run(Box::new(c))),
         Err(e) => match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
@@ -532,7 +542,6 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
     fn config(line: &str) -> Result<Config, Error> {
         let args = std::iter::once("viamillipede")

@@ -533,3 +533,14 @@ fn the_man_page_is_current() {
         assert!(text.contains(word), "the man page lacks {word}");
     }
 }
+
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (mut p, _) = Proc::spawn("completions", &["--completions", shell], Out::Collect);
+        let (status, out) = p.output();
+        assert!(status.success(), "{shell}: {}", p.stderr());
+        let script = String::from_utf8(out).unwrap();
+        assert!(script.contains("viamillipede") && script.contains("threads"), "{shell}: {script:.200}");
+    }
+}
