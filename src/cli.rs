@@ -233,6 +233,24 @@ pub struct Cli {
     #[arg(long)]
     pub encrypt: bool,
 
+    /// Show progress on stderr: bytes, rate, elapsed time (and percent and
+    /// ETA with --size), redrawn in place on a terminal, a line every 2 s
+    /// otherwise. Never on stdout.
+    #[arg(long)]
+    pub progress: bool,
+
+    /// The expected size of the stream in bytes (K, M, G suffixes), for
+    /// --progress's percent and ETA.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub size: Option<u64>,
+
+    /// At exit, write a JSON document of what each side did to FILE: bytes
+    /// on and off the wire, seconds, feet, retransmits, reconnects, each
+    /// connection, a one-second throughput series and the exit status
+    /// (schema in README).
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<std::path::PathBuf>,
+
     /// Print a completion script for this shell and exit, e.g.
     /// `viamillipede --completions bash > /etc/bash_completion.d/viamillipede`.
     #[arg(long, value_name = "SHELL")]
@@ -474,6 +492,11 @@ impl Cli {
             crate::net::check_cc(cc).map_err(Error::Usage)?;
         }
         Ok(Config {
+            display: crate::monitor::Display {
+                progress: self.progress,
+                size: self.size,
+            },
+            stats_json: self.stats_json,
             socket: SocketOptions {
                 sndbuf: self.sndbuf,
                 rcvbuf: self.rcvbuf,
@@ -518,7 +541,10 @@ pub enum Parsed {
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> {
     let args = normalize(args)?;
     match Cli::try_parse_from(args) {
-        Ok(Cli { completions: Some(shell), .. }) => {
+        Ok(Cli {
+            completions: Some(shell),
+            ..
+        }) => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "viamillipede", &mut script);
             Ok(Parsed::Print(String::from_utf8_lossy(&script).into_owned()))

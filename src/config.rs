@@ -146,6 +146,10 @@ pub struct Config {
     pub chaos: Option<u64>,
     /// Options for every data socket.
     pub socket: SocketOptions,
+    /// What to show while running.
+    pub display: crate::monitor::Display,
+    /// Where to write the stats document at exit.
+    pub stats_json: Option<std::path::PathBuf>,
     /// How tx cuts and paces its input.
     pub pacing: Pacing,
 }

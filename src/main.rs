@@ -20,7 +20,17 @@ fn main() -> ExitCode {
     for w in &config.warnings {
         log::warn!("{w}");
     }
-    match viamillipede::run(&config) {
+    let result = viamillipede::run(&config);
+    if let Some(path) = &config.stats_json {
+        let (code, error) = match &result {
+            Ok(_) => (0, None),
+            Err(e) => (e.exit_code(), Some(e.to_string())),
+        };
+        if let Err(e) = viamillipede::report::write(path, code, error) {
+            log::error!("write {}: {e}", path.display());
+        }
+    }
+    match result {
         Ok(summary) => {
             log::info!(
                 "done: {} in {:.2} s, {}; {}",

@@ -59,6 +59,7 @@ pub struct Link {
     state: AtomicU8,
     bytes: AtomicU64,
     feet: AtomicU64,
+    wire: AtomicU64,
     reconnects: AtomicU64,
 }
 
@@ -70,6 +71,7 @@ impl Link {
             state: AtomicU8::new(LinkState::Connecting as u8),
             bytes: AtomicU64::new(0),
             feet: AtomicU64::new(0),
+            wire: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
         }
     }
@@ -88,6 +90,16 @@ impl Link {
     pub fn count_foot(&self, bytes: usize) {
         self.bytes.fetch_add(bytes as u64, Relaxed);
         self.feet.fetch_add(1, Relaxed);
+    }
+
+    /// Counts bytes on the wire (headers, payloads, checksums, tags).
+    pub fn count_wire(&self, bytes: u64) {
+        self.wire.fetch_add(bytes, Relaxed);
+    }
+
+    /// Bytes on the wire.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire.load(Relaxed)
     }
 
     /// Counts a reconnection.

@@ -76,6 +76,7 @@ pub struct FrameWriter<W> {
     sealer: Option<Sealer>,
     scratch: Vec<u8>,
     checksums: bool,
+    sent: u64,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -86,6 +87,7 @@ impl<W: Write> FrameWriter<W> {
             sealer,
             scratch: Vec::new(),
             checksums: false,
+            sent: 0,
         }
     }
 
@@ -114,7 +116,9 @@ impl<W: Write> FrameWriter<W> {
                 IoSlice::new(payload),
                 IoSlice::new(trailer),
             ];
-            return write_all_vectored(&mut self.w, &mut bufs);
+            write_all_vectored(&mut self.w, &mut bufs)?;
+            self.sent += (HEADER_LEN + payload.len() + trailer.len()) as u64;
+            return Ok(());
         };
         // The shared foot may be sent again elsewhere, so it is sealed in a
         // copy; the header, with the tag counted in its length, is the
@@ -133,7 +137,14 @@ impl<W: Write> FrameWriter<W> {
             IoSlice::new(&self.scratch),
             IoSlice::new(&tag),
         ];
-        write_all_vectored(&mut self.w, &mut bufs)
+        write_all_vectored(&mut self.w, &mut bufs)?;
+        self.sent += (HEADER_LEN + self.scratch.len() + TAG_LEN) as u64;
+        Ok(())
+    }
+
+    /// Bytes sent on the wire so far: headers, payloads, checksums, tags.
+    pub fn wire_bytes(&self) -> u64 {
+        self.sent
     }
 
     /// Writes a plain foot's header and only the first part of its payload:
@@ -158,6 +169,7 @@ pub struct FrameReader<R> {
     opener: Option<Opener>,
     max_foot: u32,
     checksums: bool,
+    received: u64,
     /// The last header as received: the associated data of its payload.
     raw: [u8; HEADER_LEN],
 }
@@ -171,6 +183,7 @@ impl<R: Read> FrameReader<R> {
             opener,
             max_foot,
             checksums: false,
+            received: 0,
             raw: [0; HEADER_LEN],
         }
     }
@@ -202,6 +215,7 @@ impl<R: Read> FrameReader<R> {
     /// frames without one, whose tag it checks).
     pub fn header(&mut self) -> io::Result<Header> {
         self.r.read_exact(&mut self.raw)?;
+        self.received += HEADER_LEN as u64;
         let tag = self.tag_len();
         // A foot may carry its checksum beyond the foot size.
         let max_foot = self
@@ -222,6 +236,7 @@ impl<R: Read> FrameReader<R> {
     pub fn payload(&mut self, header: &Header, buf: &mut Buffer) -> io::Result<()> {
         let trailer = self.trailer_len(header.kind) as usize;
         buf.read_exact_from(&mut self.r, header.len as usize + trailer)?;
+        self.received += (header.len as usize + trailer) as u64;
         self.open(buf.content_mut())?;
         if trailer > 0 {
             let n = header.len as usize;
@@ -236,6 +251,7 @@ impl<R: Read> FrameReader<R> {
     /// Reads a short payload (an abort's message) into a fresh vector.
     pub fn small_payload(&mut self, header: &Header) -> io::Result<Vec<u8>> {
         let mut data = read_payload(&mut self.r, header.len)?;
+        self.received += u64::from(header.len);
         self.open(&mut data)?;
         Ok(data)
     }
@@ -246,7 +262,13 @@ impl<R: Read> FrameReader<R> {
         };
         let mut tag = [0u8; TAG_LEN];
         self.r.read_exact(&mut tag)?;
+        self.received += TAG_LEN as u64;
         opener.open(&self.raw, data, &tag).map_err(invalid)
+    }
+
+    /// Bytes received on the wire so far: headers, payloads, checksums, tags.
+    pub fn wire_bytes(&self) -> u64 {
+        self.received
     }
 
     /// The underlying reader.

@@ -2,6 +2,7 @@
 
 mod hostile;
 mod keywords;
+mod observe;
 mod security;
 mod sockets;
 mod tunnel;
@@ -541,6 +542,9 @@ fn completions_for_bash_zsh_and_fish() {
         let (status, out) = p.output();
         assert!(status.success(), "{shell}: {}", p.stderr());
         let script = String::from_utf8(out).unwrap();
-        assert!(script.contains("viamillipede") && script.contains("threads"), "{shell}: {script:.200}");
+        assert!(
+            script.contains("viamillipede") && script.contains("threads"),
+            "{shell}: {script:.200}"
+        );
     }
 }

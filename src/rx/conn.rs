@@ -9,8 +9,8 @@ use super::{Arrived, Event};
 use crate::crypto::{self, Key, Opener, Sealer, NONCE_LEN, PROOF_LEN};
 use crate::error::Error;
 use crate::protocol::handshake::{FLAG_CHECKSUMS, FLAG_ENCRYPT};
-use crate::protocol::Hello;
 use crate::protocol::{HandshakeError, Header, Kind, Reason, Reply, Status};
+use crate::protocol::{Hello, HEADER_LEN};
 use crate::stats::LinkState;
 use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
@@ -305,7 +305,10 @@ fn receive(
         // A sealed foot that fails to open ends here, never written: the
         // connection is dropped and tx sends the foot again.
         let mut data = pool.take();
+        let before = reader.wire_bytes();
         reader.payload(&h, &mut data)?;
+        conn.link
+            .count_wire(reader.wire_bytes() - before + HEADER_LEN as u64);
         let len = data.len();
         state.arrived.fetch_add(1, Ordering::Relaxed);
         if feet

@@ -11,9 +11,10 @@ mod state;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::monitor::Monitor;
 use crate::signals::Reporter;
 use crate::stats::{human_bytes, LinkState};
-use crate::{net, Summary};
+use crate::{net, report, Summary};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use state::{Progress, State};
 use std::fmt::Write as _;
@@ -119,6 +120,14 @@ pub fn receive(
         })?;
     }
     on_ready(local);
+    let monitor = {
+        let state = Arc::clone(&state);
+        Monitor::start(
+            move || state.written.load(Ordering::Relaxed),
+            config.display,
+            "written",
+        )
+    };
 
     let timeout = config.reconnect_timeout;
     let mut lost_since: Option<Instant> = None;
@@ -166,6 +175,7 @@ pub fn receive(
     }
     // Waits for a foot being written, so the output ends on a foot boundary.
     state.close_output();
+    record_side(&state, monitor.finish());
     if config.verbose >= 2 {
         log::debug!("{}", report(&state).trim_end());
     }
@@ -180,6 +190,29 @@ pub fn receive(
         elapsed: state.clock.elapsed(),
         detail,
     })
+}
+
+/// Records what rx did for `--stats-json`. Connections that closed are
+/// gone from the registry, so their counters are summed as they close.
+fn record_side(state: &State, throughput: Vec<u64>) {
+    let live: Vec<report::Connection> = state
+        .connections()
+        .iter()
+        .map(|c| report::Connection::from(&c.link))
+        .collect();
+    let mut connections = state.closed_links();
+    connections.extend(live);
+    report::record(report::Side {
+        role: "rx",
+        payload_bytes: state.written.load(Ordering::Relaxed),
+        wire_bytes: connections.iter().map(|c| c.wire_bytes).sum(),
+        seconds: state.clock.elapsed().as_secs_f64(),
+        feet: connections.iter().map(|c| c.feet).sum(),
+        retransmits: 0,
+        reconnects: 0,
+        throughput,
+        connections,
+    });
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::pool::Pool;
 use crate::protocol::handshake::{FLAG_AUTH, FLAG_ENCRYPT, KNOWN_FLAGS};
 use crate::protocol::{Header, Hello, Kind, Reason, Reply, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
+use crate::report;
 use crate::stats::{Clock, Link};
 use crate::wire::FrameWriter;
 use std::collections::BTreeMap;
@@ -82,6 +83,8 @@ pub struct State {
     pool: OnceLock<Pool>,
     /// This process's random id, sent in every reply.
     pub receiver: [u8; 8],
+    /// Counters of closed connections, for the stats document.
+    closed: Mutex<Vec<report::Connection>>,
     /// Held while a foot is written; false once the output is closed.
     output_open: Mutex<bool>,
 }
@@ -130,6 +133,7 @@ impl State {
             clock: Clock::new(),
             pool: OnceLock::new(),
             receiver: random_id(),
+            closed: Mutex::new(Vec::new()),
             output_open: Mutex::new(true),
         }
     }
@@ -298,11 +302,19 @@ impl State {
         (key, conn)
     }
 
-    /// Removes a connection; returns how many remain.
+    /// Removes a connection, keeping its counters for the stats document;
+    /// returns how many remain.
     pub fn unregister(&self, key: u64) -> usize {
         let mut conns = Self::lock(&self.conns);
-        conns.remove(&key);
+        if let Some(c) = conns.remove(&key) {
+            Self::lock(&self.closed).push(report::Connection::from(&c.link));
+        }
         conns.len()
+    }
+
+    /// Counters of the connections that have closed.
+    pub fn closed_links(&self) -> Vec<report::Connection> {
+        Self::lock(&self.closed).clone()
     }
 
     /// Live connections of the session.

@@ -10,8 +10,10 @@ mod worker;
 
 use crate::config::{Config, Destination, Pacing};
 use crate::error::{Error, Result};
+use crate::monitor::Monitor;
 use crate::pool::Pool;
 use crate::prbs::Prbs;
+use crate::report;
 use crate::signals::Reporter;
 use crate::stats::{human_bytes, Clock, Link};
 use crate::Summary;
@@ -118,6 +120,10 @@ pub fn send(
     }
     drop(exit_tx);
 
+    let monitor = {
+        let read = Arc::clone(&read);
+        Monitor::start(move || read.load(Relaxed), config.display, "read")
+    };
     let outcome = window.outcome(config.reconnect_timeout);
     window.finish(Err(Error::Internal("stopped".into())));
     drop(stop_tx);
@@ -126,6 +132,18 @@ pub fn send(
     while exit_rx.recv_deadline(deadline).is_ok() {}
 
     let sent = read.load(Relaxed);
+    let throughput = monitor.finish();
+    report::record(report::Side {
+        role: "tx",
+        payload_bytes: sent,
+        wire_bytes: links.iter().map(Link::wire_bytes).sum(),
+        seconds: clock.elapsed().as_secs_f64(),
+        feet: links.iter().map(Link::feet).sum(),
+        retransmits: window.snapshot().retransmits,
+        reconnects: links.iter().map(Link::reconnects).sum(),
+        throughput,
+        connections: links.iter().map(report::Connection::from).collect(),
+    });
     if config.verbose >= 2 {
         log::debug!("{}", report(&window, &links, &clock, sent).trim_end());
     }

@@ -260,11 +260,13 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
                 net::abortive_close(writer.get_ref());
                 break;
             }
+            let before = writer.wire_bytes();
             if let Err(e) = writer.send(&header, &foot.data) {
                 log::info!("worker {w}: send foot {}: {e}", foot.id);
                 window.note_error(format!("send: {e}"));
                 break;
             }
+            link.count_wire(writer.wire_bytes() - before);
             link.count_foot(foot.data.len());
             link.set_state(LinkState::Idle);
         }
