@@ -233,6 +233,14 @@ pub struct Cli {
     #[arg(long)]
     pub encrypt: bool,
 
+    /// Compress each foot with zstd (tx), on the worker threads in parallel;
+    /// a foot that does not shrink is sent as it is, and rx decompresses on
+    /// its own. LEVEL -7 (fastest) to 19, 3 when left out: --compress or
+    /// --compress=9.
+    #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "3", value_parser = clap::value_parser!(i32).range(-7..=19))]
+    pub compress: Option<i32>,
+
     /// Show progress on stderr: bytes, rate, elapsed time (and percent and
     /// ETA with --size), redrawn in place on a terminal, a line every 2 s
     /// otherwise. Never on stdout.
@@ -497,6 +505,7 @@ impl Cli {
                 size: self.size,
             },
             stats_json: self.stats_json,
+            compress: self.compress,
             socket: SocketOptions {
                 sndbuf: self.sndbuf,
                 rcvbuf: self.rcvbuf,

@@ -146,6 +146,8 @@ pub struct Config {
     pub chaos: Option<u64>,
     /// Options for every data socket.
     pub socket: SocketOptions,
+    /// Compress feet with zstd at this level (tx).
+    pub compress: Option<i32>,
     /// What to show while running.
     pub display: crate::monitor::Display,
     /// Where to write the stats document at exit.

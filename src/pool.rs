@@ -108,6 +108,19 @@ impl Buffer {
 }
 
 impl Buffer {
+    /// Replaces the content with what `fill` writes into at most `max`
+    /// bytes (it returns how many it wrote): for decompressing into a buffer.
+    pub fn fill_with(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        self.len = 0;
+        let n = fill(self.storage(max))?;
+        self.len = n.min(max);
+        Ok(self.len)
+    }
+
     /// Keeps only the first `n` bytes of the content.
     pub fn truncate(&mut self, n: usize) {
         self.len = self.len.min(n);

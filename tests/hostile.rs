@@ -253,3 +253,29 @@ fn sigterm_on_rx_fails_tx_with_the_reason() {
     t.expect_stderr("receiver: stopped by SIGTERM");
     drop(feed);
 }
+
+#[test]
+fn a_foot_that_inflates_beyond_a_foot_is_refused() {
+    let (mut r, port) = rx(&["verbose", "1"]);
+    let foot = 4096u32;
+    // 1 MiB of zeros compresses to a few hundred bytes and would inflate
+    // far beyond the session's 4 KiB feet.
+    let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
+    let (mut s, _) = join(port, 12, foot, 8);
+    let header = Header {
+        flags: viamillipede::protocol::FLAG_COMPRESSED,
+        ..Header::foot(0, bomb.len() as u32, false)
+    };
+    wire::write_frame(&mut s, &header, &bomb).unwrap();
+    expect_closed(&mut s, Duration::from_secs(10));
+
+    let a = data(foot as usize, 14);
+    let (mut s, _) = join(port, 12, foot, 8);
+    wire::write_frame(&mut s, &Header::foot(0, foot, false), &a).unwrap();
+    wire::write_frame(&mut s, &Header::foot(1, 0, true), b"").unwrap();
+    let (status, out) = r.output();
+    assert!(status.success(), "{}", r.stderr());
+    assert_same(&out, &a, "after a compression bomb");
+    r.expect_stderr("does not decompress within a foot");
+    drop(s);
+}

@@ -140,3 +140,51 @@ fn progress_lines_on_a_non_terminal_stderr_never_touch_stdout() {
     assert!(lines.last().unwrap().contains("100%"), "{err}");
     r.expect_stderr("viamillipede: written 5.0 MiB");
 }
+
+/// Sends `input` with --compress, returning (payload bytes, wire bytes) as
+/// tx's stats document counts them.
+fn compressed_transfer(input: Vec<u8>, name: &str) -> (u64, u64) {
+    let path = stats_path(name);
+    let (mut r, port) = rx(&[]);
+    let p = port.to_string();
+    let input = Arc::new(input);
+    let args = [
+        "tx",
+        "127.0.0.1",
+        &p,
+        "threads",
+        "3",
+        "--compress",
+        "--stats-json",
+        path.to_str().unwrap(),
+    ];
+    let mut t = tx(&args, Arc::clone(&input));
+    expect_delivered(&mut t, &mut r, &input, name);
+    let side = read_json(&path)["sides"][0].clone();
+    (
+        side["payload_bytes"].as_u64().unwrap(),
+        side["wire_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn compression_shrinks_what_shrinks_and_sends_the_rest_as_it_is() {
+    let text: Vec<u8> = (0..200_000)
+        .flat_map(|i| {
+            format!("line {i}: the quick brown fox jumps over the lazy dog\n").into_bytes()
+        })
+        .collect();
+    let (payload, wire) = compressed_transfer(text, "text.json");
+    eprintln!("compressible: {payload} bytes took {wire} on the wire");
+    assert!(
+        wire * 5 < payload,
+        "text compressed only to {wire} of {payload}"
+    );
+
+    let (payload, wire) = compressed_transfer(data(6 * FOOT, 43), "random.json");
+    eprintln!("random: {payload} bytes took {wire} on the wire");
+    assert!(
+        wire >= payload && wire < payload + 1024,
+        "random data: {wire} on the wire for {payload}"
+    );
+}

@@ -21,6 +21,10 @@ pub const HEADER_LEN: usize = 16;
 /// `Foot` flag: this is the last foot of the stream (its payload may be empty).
 pub const FLAG_END: u8 = 0x01;
 
+/// `Foot` flag: the payload is zstd-compressed; it decompresses to at most
+/// the foot size.
+pub const FLAG_COMPRESSED: u8 = 0x02;
+
 /// What a frame means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -134,6 +138,11 @@ impl Header {
         }
     }
 
+    /// Whether a foot's payload is compressed.
+    pub fn is_compressed(&self) -> bool {
+        self.flags & FLAG_COMPRESSED != 0
+    }
+
     /// Whether this is the last foot of the stream.
     pub fn is_end(&self) -> bool {
         self.flags & FLAG_END != 0
@@ -166,7 +175,11 @@ impl Header {
         if b[2] != 0 || b[3] != 0 {
             return Err(FrameError::BadFlags);
         }
-        let allowed_flags = if kind == Kind::Foot { FLAG_END } else { 0 };
+        let allowed_flags = if kind == Kind::Foot {
+            FLAG_END | FLAG_COMPRESSED
+        } else {
+            0
+        };
         if flags & !allowed_flags != 0 {
             return Err(FrameError::BadFlags);
         }
@@ -262,6 +275,12 @@ mod tests {
         assert_eq!(Header::decode(&b, 10), Err(FrameError::UnknownKind(99)));
         let mut b = Header::foot(1, 1, false).encode();
         b[1] = 0x80;
+        assert_eq!(Header::decode(&b, 10), Err(FrameError::BadFlags));
+        let mut b = Header::foot(1, 1, false).encode();
+        b[1] = FLAG_COMPRESSED | FLAG_END;
+        assert!(Header::decode(&b, 10).unwrap().is_compressed());
+        let mut b = Header::foot(1, 1, false).encode();
+        b[1] = 0x04;
         assert_eq!(Header::decode(&b, 10), Err(FrameError::BadFlags));
         let mut b = Header::control(Kind::Ack, 1).encode();
         b[1] = FLAG_END;

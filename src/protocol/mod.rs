@@ -8,7 +8,7 @@
 pub mod frame;
 pub mod handshake;
 
-pub use frame::{FrameError, Header, Kind, FLAG_END, HEADER_LEN};
+pub use frame::{FrameError, Header, Kind, FLAG_COMPRESSED, FLAG_END, HEADER_LEN};
 pub use handshake::{HandshakeError, Hello, Reason, Reply, Status, MAGIC, VERSION};
 
 /// The largest foot a peer may announce (64 MiB); bounds every allocation

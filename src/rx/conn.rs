@@ -19,6 +19,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use zstd::bulk::Decompressor;
 
 /// How long a write to a sender may block before its connection is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -277,6 +278,7 @@ fn receive(
     feet: &Sender<Arrived>,
 ) -> io::Result<Option<String>> {
     let pool = state.pool(session);
+    let mut decompressor: Option<Decompressor> = None;
     loop {
         let h = match reader.header() {
             Ok(h) => h,
@@ -309,6 +311,26 @@ fn receive(
         reader.payload(&h, &mut data)?;
         conn.link
             .count_wire(reader.wire_bytes() - before + HEADER_LEN as u64);
+        if h.is_compressed() {
+            // Never more than a foot: a foot that would inflate beyond it is
+            // refused, so compression cannot raise the memory bound.
+            let d = match &mut decompressor {
+                Some(d) => d,
+                None => decompressor.insert(Decompressor::new()?),
+            };
+            let mut plain = pool.take();
+            plain
+                .fill_with(session.foot_size as usize, |out| {
+                    d.decompress_to_buffer(&data[..], out)
+                })
+                .map_err(|e| {
+                    violation(format!(
+                        "foot {} does not decompress within a foot: {e}",
+                        h.id
+                    ))
+                })?;
+            data = plain;
+        }
         let len = data.len();
         state.arrived.fetch_add(1, Ordering::Relaxed);
         if feet

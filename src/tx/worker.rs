@@ -10,7 +10,7 @@ use crate::config::{Config, Destination};
 use crate::crypto::{self, Opener, Sealer, NONCE_LEN, PROOF_LEN};
 use crate::error::Error;
 use crate::protocol::handshake::{FLAG_AUTH, FLAG_CHECKSUMS, FLAG_ENCRYPT};
-use crate::protocol::{Header, Hello, Kind, Status};
+use crate::protocol::{Header, Hello, Kind, Status, FLAG_COMPRESSED};
 use crate::stats::{Link, LinkState};
 use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
@@ -18,6 +18,7 @@ use crossbeam_channel::Receiver;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
+use zstd::bulk::Compressor;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -231,6 +232,17 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
     // rx never sends feet: a zero bound rejects any payload but an abort's.
     let reader = FrameReader::new(reader, opener, 0);
     let mut writer = FrameWriter::new(stream, sealer).with_checksums(checksums);
+    let mut compressor = shared
+        .config
+        .compress
+        .and_then(|level| match Compressor::new(level) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                log::warn!("worker {w}: no compression: {e}");
+                None
+            }
+        });
+    let mut squeezed = Vec::new();
     window.connected(w);
     link.set_state(LinkState::Idle);
     std::thread::scope(|scope| {
@@ -260,8 +272,12 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
                 net::abortive_close(writer.get_ref());
                 break;
             }
+            let (header, payload) = match &mut compressor {
+                Some(c) => squeeze(c, &foot.data, &mut squeezed, header),
+                None => (header, &foot.data[..]),
+            };
             let before = writer.wire_bytes();
-            if let Err(e) = writer.send(&header, &foot.data) {
+            if let Err(e) = writer.send(&header, payload) {
                 log::info!("worker {w}: send foot {}: {e}", foot.id);
                 window.note_error(format!("send: {e}"));
                 break;
@@ -283,6 +299,31 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
         let _ = writer.get_ref().shutdown(Shutdown::Both);
         window.disconnected(w);
     });
+}
+
+/// Compresses a foot into `out`, or leaves it as it is when it would not
+/// shrink (zstd fails when the output does not fit in one byte less).
+fn squeeze<'a>(
+    c: &mut Compressor<'_>,
+    data: &'a [u8],
+    out: &'a mut Vec<u8>,
+    header: Header,
+) -> (Header, &'a [u8]) {
+    if data.len() < 64 {
+        return (header, data);
+    }
+    out.resize(data.len() - 1, 0);
+    match c.compress_to_buffer(data, &mut out[..]) {
+        Ok(n) => {
+            let h = Header {
+                flags: header.flags | FLAG_COMPRESSED,
+                len: n as u32,
+                ..header
+            };
+            (h, &out[..n])
+        }
+        Err(_) => (header, data),
+    }
 }
 
 /// Reads what rx sends back on one connection into the window.
