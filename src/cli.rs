@@ -220,8 +220,8 @@ pub struct Cli {
     #[arg(long, value_name = "ALGO")]
     pub cc: Option<String>,
 
-    /// A file holding a pre-shared secret (at least 16 bytes; trailing white
-    /// space is ignored), given on both sides. Every connection then proves
+    /// A file holding a pre-shared secret (at least 16 bytes; a final line
+    /// ending is ignored), given on both sides. Every connection then proves
     /// the key in a challenge-response before any foot is accepted; the key
     /// never crosses the wire. Make one with: head -c 32 /dev/urandom > key
     #[arg(long, value_name = "FILE", env = "VIAMILLIPEDE_KEY_FILE")]
@@ -258,6 +258,18 @@ pub struct Cli {
     /// (schema in README).
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
+
+    /// Reverse connections, sending side: listen on [ADDR:]PORT and let the
+    /// receiver connect (through a firewall or NAT that only lets the
+    /// receiver's side dial out). Replaces `tx HOST PORT`.
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    pub listen: Option<String>,
+
+    /// Reverse connections, receiving side: connect to a sender started
+    /// with --listen, `threads` connections to each HOST:PORT; repeat for
+    /// ranked paths, as with tx. Replaces `rx PORT`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub connect: Vec<String>,
 
     /// Print a completion script for this shell and exit, e.g.
     /// `viamillipede --completions bash > /etc/bash_completion.d/viamillipede`.
@@ -437,6 +449,37 @@ impl Cli {
                 Ok(Destination { host, port, local })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let reverse = self.listen.is_some() || !self.connect.is_empty();
+        if reverse && (listen.is_some() || !destinations.is_empty()) {
+            return Err(Error::Usage(
+                "--listen (tx) and --connect (rx) reverse the connections: give them instead of rx PORT and tx HOST PORT".into(),
+            ));
+        }
+        if self.listen.is_some() && !self.connect.is_empty() {
+            return Err(Error::Usage(
+                "--listen is for the sending side and --connect for the receiving side: give one"
+                    .into(),
+            ));
+        }
+        if let Some(l) = &self.listen {
+            let (addr, port) = parse_listen(l)?;
+            return self.finish_config(Mode::TxListen { addr, port });
+        }
+        if !self.connect.is_empty() {
+            let destinations = self
+                .connect
+                .iter()
+                .map(|c| {
+                    let (host, port) = split_host_port(c, "connect")?;
+                    Ok(Destination {
+                        host,
+                        port,
+                        local: self.bind,
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            return self.finish_config(Mode::RxConnect { destinations });
+        }
         let mode = match (listen, destinations.is_empty()) {
             (None, true) => {
                 return Err(Error::Usage(
@@ -482,6 +525,11 @@ impl Cli {
             }
             (mode, None) => mode,
         };
+        self.finish_config(mode)
+    }
+
+    /// The options every mode shares.
+    fn finish_config(self, mode: Mode) -> Result<Config, Error> {
         let mut warnings = Vec::new();
         let key = match &self.key_file {
             Some(path) => {

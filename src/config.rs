@@ -88,6 +88,20 @@ pub enum Mode {
         /// Destinations, most preferred first.
         destinations: Vec<Destination>,
     },
+    /// Send stdin over connections the receiver makes to this address
+    /// (reverse mode, `--listen`).
+    TxListen {
+        /// Address to bind; `None` means every address.
+        addr: Option<String>,
+        /// Port to bind; 0 picks a free one.
+        port: u16,
+    },
+    /// Receive over connections made to a listening sender (reverse mode,
+    /// `--connect`), ranked like tx's destinations.
+    RxConnect {
+        /// Senders to connect to, most preferred first.
+        destinations: Vec<Destination>,
+    },
     /// Both at once: a two-way pipe (stdin to the destinations, what the
     /// listener receives to stdout).
     Duplex {

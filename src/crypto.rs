@@ -71,19 +71,20 @@ impl Key {
         })
     }
 
-    /// Reads a key file: its bytes, without trailing white space (so a hex
-    /// key written with a newline works). Returns the key and a warning if
+    /// Reads a key file: its bytes, without a final line ending (so a hex
+    /// key written by `echo` works; a binary key is taken whole). Returns the key and a warning if
     /// the file can be read by other users.
     pub fn load(path: &Path) -> Result<(Key, Option<String>), Error> {
         let shown = path.display();
         let bytes =
             std::fs::read(path).map_err(|e| Error::Usage(format!("read key file {shown}: {e}")))?;
-        let end = bytes
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace())
-            .map_or(0, |i| i + 1);
+        // Only a final line ending goes: a binary key may end in any byte.
+        let key_bytes = bytes
+            .strip_suffix(b"\r\n")
+            .or_else(|| bytes.strip_suffix(b"\n"))
+            .unwrap_or(&bytes);
         let key =
-            Key::new(&bytes[..end]).map_err(|e| Error::Usage(format!("key file {shown}: {e}")))?;
+            Key::new(key_bytes).map_err(|e| Error::Usage(format!("key file {shown}: {e}")))?;
         Ok((key, loose_permissions(path)))
     }
 
@@ -323,6 +324,9 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
             assert!(Key::load(&path).unwrap().1.is_none());
         }
+        // A binary key is taken whole, whatever bytes it ends with.
+        std::fs::write(&path, [b'\t'; 20]).unwrap();
+        assert_eq!(Key::load(&path).unwrap().0, Key::new(&[b'\t'; 20]).unwrap());
         std::fs::write(&path, b"short\n").unwrap();
         assert!(matches!(Key::load(&path), Err(Error::Usage(_))));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -115,7 +115,7 @@ fn both(
         .name("rx".into())
         .spawn(move || rx::run_into(&rx_config, addr.as_deref(), port, output))
         .map_err(|e| Error::io("spawn the receiving side", e))?;
-    let sent = tx::send(config, destinations, input);
+    let sent = tx::send(config, tx::Connections::Dial(destinations), input);
     let received = receiving
         .join()
         .unwrap_or_else(|_| Err(Error::Internal("the receiving side panicked".into())));

@@ -46,6 +46,8 @@ pub fn run(config: &Config) -> error::Result<Summary> {
     match &config.mode {
         Mode::Rx { addr, port } => rx::run(config, addr.as_deref(), *port),
         Mode::Tx { destinations } => tx::run(config, destinations),
+        Mode::TxListen { addr, port } => tx::run_listening(config, addr.as_deref(), *port),
+        Mode::RxConnect { destinations } => rx::run_connecting(config, destinations),
         Mode::Duplex {
             addr,
             port,

@@ -193,6 +193,7 @@ fn a_corrupted_foot_is_caught_by_its_checksum_and_resent() {
         let proxy = FaultProxy::with(port, |n| Fault {
             reset_after: None,
             flip_at: (n == 0).then_some(44 + 16 + 1000),
+            ..Fault::default()
         });
         let pp = proxy.port.to_string();
         let input = Arc::new(data(2 * FOOT, 9));

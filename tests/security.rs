@@ -186,6 +186,7 @@ fn a_tampered_sealed_foot_is_never_written_and_is_resent() {
     let proxy = FaultProxy::with(port, |n| Fault {
         reset_after: None,
         flip_at: (n == 0).then_some(HANDSHAKE_FROM_TX as u64 + 16 + 1000),
+        ..Fault::default()
     });
     let pp = proxy.port.to_string();
     let args = [

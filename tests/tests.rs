@@ -3,6 +3,7 @@
 mod hostile;
 mod keywords;
 mod observe;
+mod reverse;
 mod security;
 mod sockets;
 mod tunnel;

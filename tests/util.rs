@@ -325,6 +325,9 @@ pub struct Fault {
     pub reset_after: Option<u64>,
     /// Flip the lowest bit of the byte at this offset.
     pub flip_at: Option<u64>,
+    /// Apply to what the server sends back instead (reverse mode, where the
+    /// data flows from the server to the client).
+    pub replies: bool,
 }
 
 /// A TCP proxy that injects faults into the connections through it, and
@@ -349,7 +352,7 @@ impl FaultProxy {
     ) -> FaultProxy {
         FaultProxy::with(upstream, move |n| Fault {
             reset_after: budget(n),
-            flip_at: None,
+            ..Fault::default()
         })
     }
 
@@ -410,16 +413,31 @@ fn pump(
     client: TcpStream,
     server: TcpStream,
     fault: Fault,
-    (resets, flips): (Arc<AtomicU64>, Arc<AtomicU64>),
+    counters: (Arc<AtomicU64>, Arc<AtomicU64>),
     record: Option<Arc<Mutex<Vec<u8>>>>,
 ) {
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-    let back = std::thread::spawn(move || {
-        let (mut from, mut to) = (s2, c2);
-        let _ = std::io::copy(&mut from, &mut to);
-        let _ = to.shutdown(Shutdown::Write);
-    });
-    let (mut from, mut to) = (client, server);
+    // The fault applies to one direction: what the client sends, or (for
+    // `replies`) what the server sends back.
+    let (forward_fault, back_fault) = if fault.replies {
+        (Fault::default(), fault)
+    } else {
+        (fault, Fault::default())
+    };
+    let back_counters = counters.clone();
+    let back = std::thread::spawn(move || forward(s2, c2, back_fault, back_counters, None));
+    forward(client, server, forward_fault, counters, record);
+    let _ = back.join();
+}
+
+/// Copies `from` to `to`, injecting `fault`.
+fn forward(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    fault: Fault,
+    (resets, flips): (Arc<AtomicU64>, Arc<AtomicU64>),
+    record: Option<Arc<Mutex<Vec<u8>>>>,
+) {
     let mut buf = vec![0u8; 64 << 10];
     let mut sent = 0u64;
     loop {
@@ -442,22 +460,18 @@ fn pump(
             buf[(at - sent) as usize] ^= 1;
             flips.fetch_add(1, Ordering::Relaxed);
         }
-        let n = match fault.reset_after {
-            Some(l) if sent + n as u64 >= l => {
-                // Forward part of the frame, then reset both sides mid-stream.
-                let cut = (l - sent) as usize;
-                let _ = to.write_all(&buf[..cut]);
-                resets.fetch_add(1, Ordering::Relaxed);
-                reset(&from);
-                reset(&to);
-                break;
-            }
-            _ => n,
-        };
+        if let Some(l) = fault.reset_after.filter(|&l| sent + n as u64 >= l) {
+            // Forward part of the frame, then reset both sides mid-stream.
+            let cut = (l - sent) as usize;
+            let _ = to.write_all(&buf[..cut]);
+            resets.fetch_add(1, Ordering::Relaxed);
+            reset(&from);
+            reset(&to);
+            break;
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
         sent += n as u64;
     }
-    let _ = back.join();
 }

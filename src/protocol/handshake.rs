@@ -309,6 +309,57 @@ impl Reply {
     }
 }
 
+/// Opens a connection that rx dialed (reverse mode, `rx --connect`): which
+/// of rx's ranked destinations it went through, and its number there, so
+/// tx can rank it. Then tx sends its [`Hello`] as usual.
+///
+/// ```text
+/// magic "VIAMDIAL" [8] | version u16 | rank u16 | index u16
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dial {
+    /// Position of the destination in rx's `--connect` list.
+    pub rank: u16,
+    /// Which of that destination's connections this is.
+    pub index: u16,
+}
+
+/// The magic of a [`Dial`].
+pub const DIAL_MAGIC: [u8; 8] = *b"VIAMDIAL";
+/// Length of a [`Dial`].
+pub const DIAL_LEN: usize = 14;
+
+impl Dial {
+    /// Encodes the dial preamble.
+    pub fn encode(&self) -> [u8; DIAL_LEN] {
+        let mut b = [0u8; DIAL_LEN];
+        b[..8].copy_from_slice(&DIAL_MAGIC);
+        b[8..10].copy_from_slice(&VERSION.to_be_bytes());
+        b[10..12].copy_from_slice(&self.rank.to_be_bytes());
+        b[12..14].copy_from_slice(&self.index.to_be_bytes());
+        b
+    }
+
+    /// Decodes a dial preamble.
+    pub fn decode(b: &[u8]) -> Result<Dial, HandshakeError> {
+        let magic_len = b.len().min(DIAL_MAGIC.len());
+        if b[..magic_len] != DIAL_MAGIC[..magic_len] {
+            return Err(HandshakeError::BadMagic);
+        }
+        if b.len() < DIAL_LEN {
+            return Err(HandshakeError::Truncated { need: DIAL_LEN });
+        }
+        let version = be_u16(b, 8);
+        if version != VERSION {
+            return Err(HandshakeError::Version(version));
+        }
+        Ok(Dial {
+            rank: be_u16(b, 10),
+            index: be_u16(b, 12),
+        })
+    }
+}
+
 /// The longest prefix of `s` that fits in `max` bytes without splitting a
 /// character.
 pub fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -418,7 +469,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn dials_round_trip_and_garbage_is_named() {
+        let d = Dial { rank: 2, index: 15 };
+        assert_eq!(Dial::decode(&d.encode()), Ok(d));
+        assert_eq!(Dial::decode(b"GET /"), Err(HandshakeError::BadMagic));
+        assert_eq!(
+            Dial::decode(&d.encode()[..9]),
+            Err(HandshakeError::Truncated { need: DIAL_LEN })
+        );
+        let mut b = d.encode();
+        b[9] = 7;
+        assert_eq!(Dial::decode(&b), Err(HandshakeError::Version(7)));
+    }
+
     proptest! {
+        #[test]
+        fn dial_decoder_never_panics(b in proptest::collection::vec(any::<u8>(), 0..20)) {
+            let _ = Dial::decode(&b);
+        }
+
         #[test]
         fn hello_decoder_never_panics(b in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = Hello::decode(&b);

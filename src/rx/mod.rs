@@ -9,9 +9,10 @@ mod conn;
 mod sequencer;
 mod state;
 
-use crate::config::Config;
+use crate::config::{Config, Destination};
 use crate::error::{Error, Result};
 use crate::monitor::Monitor;
+use crate::protocol::handshake::Dial;
 use crate::signals::Reporter;
 use crate::stats::{human_bytes, LinkState};
 use crate::{net, report, Summary};
@@ -93,6 +94,38 @@ pub fn receive(
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("read the listening address", e))?;
+    receive_from(config, Incoming::Listen(listener), out, || on_ready(local))
+}
+
+/// Receives over connections made to a listening sender (reverse mode,
+/// `--connect`), writing the stream to stdout.
+pub fn run_connecting(config: &Config, destinations: &[Destination]) -> Result<Summary> {
+    let stdout = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("open stdout", e))?;
+    receive_from(
+        config,
+        Incoming::Dial(destinations.to_vec()),
+        File::from(stdout),
+        || {},
+    )
+}
+
+/// Where rx's connections come from.
+enum Incoming {
+    /// Accept them on this listener.
+    Listen(TcpListener),
+    /// Dial these senders, most preferred first, `threads` each.
+    Dial(Vec<Destination>),
+}
+
+fn receive_from(
+    config: &Config,
+    incoming: Incoming,
+    out: impl Write + Send + 'static,
+    on_ready: impl FnOnce(),
+) -> Result<Summary> {
     let state = Arc::new(State::new(config.clone()));
     let (feet_tx, feet_rx) = crossbeam_channel::unbounded();
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
@@ -113,13 +146,30 @@ pub fn receive(
             sequencer::run(&state, out, feet_rx, events)
         })?;
     }
-    {
-        let state = Arc::clone(&state);
-        spawn("rx-acceptor", move || {
-            accept(&state, &listener, &feet_tx, &events_tx)
-        })?;
+    // A receiver that dials is the active party: it gives up after the
+    // reconnect timeout from the start, as tx does.
+    let dialing = matches!(incoming, Incoming::Dial(_));
+    match incoming {
+        Incoming::Listen(listener) => {
+            let state = Arc::clone(&state);
+            spawn("rx-acceptor", move || {
+                accept(&state, &listener, &feet_tx, &events_tx)
+            })?;
+        }
+        Incoming::Dial(destinations) => {
+            for (rank, dest) in destinations.into_iter().enumerate() {
+                for index in 0..config.threads {
+                    let (state, feet, events) =
+                        (Arc::clone(&state), feet_tx.clone(), events_tx.clone());
+                    let dest = dest.clone();
+                    spawn(&format!("rx-dialer-{rank}-{index}"), move || {
+                        dial(&state, &dest, rank as u16, index, &feet, &events)
+                    })?;
+                }
+            }
+        }
     }
-    on_ready(local);
+    on_ready();
     let monitor = {
         let state = Arc::clone(&state);
         Monitor::start(
@@ -130,7 +180,7 @@ pub fn receive(
     };
 
     let timeout = config.reconnect_timeout;
-    let mut lost_since: Option<Instant> = None;
+    let mut lost_since: Option<Instant> = dialing.then(Instant::now);
     let outcome = loop {
         let event = match lost_since {
             None => events_rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -263,6 +313,46 @@ fn accept(
         }
     }
 }
+
+/// Keeps one connection to a listening sender open until the stream ends:
+/// dials (with backoff), names its rank and index, then serves it like an
+/// accepted connection.
+fn dial(
+    state: &Arc<State>,
+    dest: &Destination,
+    rank: u16,
+    index: u16,
+    feet: &Sender<Arrived>,
+    events: &Sender<Event>,
+) {
+    let mut backoff = DIAL_BACKOFF_START;
+    while state.progress() == Progress::Running {
+        let connected = net::connect(dest, DIAL_TIMEOUT, &state.config.socket).and_then(|mut s| {
+            s.write_all(&Dial { rank, index }.encode())?;
+            let peer = s.peer_addr()?;
+            Ok((s, peer))
+        });
+        match connected {
+            Ok((stream, peer)) => {
+                state.handshaking.fetch_add(1, Ordering::Relaxed);
+                conn::handle(state, stream, peer, feet, events, Handshaking(state));
+                backoff = DIAL_BACKOFF_START;
+            }
+            Err(e) => log::debug!("connect to {dest}: {e}"),
+        }
+        if state.progress() != Progress::Running {
+            break;
+        }
+        // A retry delay, not a wait for anything: the process ends the
+        // dialers when the stream is over.
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+    }
+}
+
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+const DIAL_BACKOFF_START: Duration = Duration::from_millis(100);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Counts a connection as handshaking until dropped.
 pub struct Handshaking<'a>(&'a State);

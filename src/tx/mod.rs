@@ -11,17 +11,23 @@ mod worker;
 use crate::config::{Config, Destination, Pacing};
 use crate::error::{Error, Result};
 use crate::monitor::Monitor;
+use crate::net;
 use crate::pool::Pool;
 use crate::prbs::Prbs;
+use crate::protocol::handshake::{Dial, DIAL_LEN};
 use crate::report;
 use crate::signals::Reporter;
-use crate::stats::{human_bytes, Clock, Link};
+use crate::stats::{human_bytes, Clock, Link, LinkState};
 use crate::Summary;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Read;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use window::{Foot, Window};
@@ -33,31 +39,163 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Sends stdin to `destinations` (most preferred first).
 pub fn run(config: &Config, destinations: &[Destination]) -> Result<Summary> {
     if let Some(seed) = config.prbs {
-        return send(config, destinations, Prbs::new(seed));
+        return send(config, Connections::Dial(destinations), Prbs::new(seed));
     }
     let stdin = std::io::stdin()
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::io("open stdin", e))?;
-    send(config, destinations, File::from(stdin))
+    send(config, Connections::Dial(destinations), File::from(stdin))
 }
 
-/// Sends `input` to `destinations`; `run` with any readable input.
+/// Sends stdin over the connections the receiver makes to `[addr:]port`
+/// (reverse mode, `--listen`).
+pub fn run_listening(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
+    let listener = net::listen(addr, port, &config.socket)
+        .map_err(|e| Error::io(format!("listen on port {port}"), e))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("read the listening address", e))?;
+    let _ = writeln!(std::io::stderr(), "viamillipede: listening on {local}");
+    if let Some(seed) = config.prbs {
+        return send(config, Connections::Accept(listener), Prbs::new(seed));
+    }
+    let stdin = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("open stdin", e))?;
+    send(config, Connections::Accept(listener), File::from(stdin))
+}
+
+/// Where tx's connections come from.
+pub enum Connections<'a> {
+    /// Dial these destinations, most preferred first, `threads` each.
+    Dial(&'a [Destination]),
+    /// Take the connections the receiver makes to this listener.
+    Accept(TcpListener),
+}
+
+/// Ranks a receiver may dial through in reverse mode, and connections per
+/// rank: the slots of an accepting window.
+const DIAL_RANKS: usize = 8;
+const DIAL_INDEXES: usize = 64;
+
+/// What every worker shares.
+struct Crew {
+    config: Config,
+    window: Arc<Window>,
+    links: Arc<Vec<Link>>,
+    session: [u8; 16],
+    stop: crossbeam_channel::Receiver<()>,
+    exited: crossbeam_channel::Sender<()>,
+}
+
+/// How a worker gets its connections.
+enum Source {
+    Dial(Destination),
+    Accept(crossbeam_channel::Receiver<TcpStream>),
+}
+
+fn spawn_worker(crew: &Arc<Crew>, w: usize, source: Source) -> Result<()> {
+    let crew = Arc::clone(crew);
+    std::thread::Builder::new()
+        .name(format!("tx-worker-{w}"))
+        .spawn(move || {
+            let _guard = PanicGuard {
+                window: &crew.window,
+                exited: crew.exited.clone(),
+                name: format!("tx-worker-{w}"),
+            };
+            let shared = worker::Shared {
+                config: &crew.config,
+                window: &crew.window,
+                session: crew.session,
+                stop: crew.stop.clone(),
+            };
+            match &source {
+                Source::Dial(dest) => worker::run(&shared, w, dest, &crew.links[w]),
+                Source::Accept(streams) => {
+                    worker::run_accepted(&shared, w, streams, &crew.links[w])
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| Error::io("spawn worker thread", e))
+}
+
+/// Takes the receiver's connections, reads which slot each is for, and
+/// gives it to that slot's worker (started on its first connection).
+fn accept(crew: &Arc<Crew>, listener: &TcpListener) {
+    let workers: Arc<Mutex<HashMap<usize, crossbeam_channel::Sender<TcpStream>>>> = Arc::default();
+    for incoming in listener.incoming() {
+        if crew.window.is_finished() {
+            break;
+        }
+        let Ok(mut stream) = incoming else { continue };
+        let (crew, workers) = (Arc::clone(crew), Arc::clone(&workers));
+        let _ = std::thread::Builder::new()
+            .name("tx-dial-in".into())
+            .spawn(move || {
+                let mut b = [0u8; DIAL_LEN];
+                let read = stream
+                    .set_read_timeout(Some(crew.config.handshake_timeout))
+                    .and_then(|()| stream.read_exact(&mut b));
+                let dial = match read
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| Dial::decode(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(d) => d,
+                    Err(e) => return log::warn!("incoming connection dropped: {e}"),
+                };
+                let (rank, index) = (usize::from(dial.rank), usize::from(dial.index));
+                if rank >= DIAL_RANKS || index >= DIAL_INDEXES {
+                    return log::warn!(
+                        "incoming connection dropped: rank {rank} #{index} is out of range"
+                    );
+                }
+                let slot = rank * DIAL_INDEXES + index;
+                let mut workers = workers.lock().unwrap_or_else(|p| p.into_inner());
+                let sender = workers.entry(slot).or_insert_with(|| {
+                    let (tx, rx) = crossbeam_channel::unbounded();
+                    if let Err(e) = spawn_worker(&crew, slot, Source::Accept(rx)) {
+                        log::error!("{e}");
+                    }
+                    tx
+                });
+                let _ = sender.send(stream);
+            });
+    }
+}
+
+/// Sends `input` over the given connections; `run` with any readable input.
 pub fn send(
     config: &Config,
-    destinations: &[Destination],
+    connections: Connections<'_>,
     input: impl Read + Send + 'static,
 ) -> Result<Summary> {
     let threads = usize::from(config.threads);
-    let plan: Vec<(usize, &Destination)> = destinations
-        .iter()
-        .enumerate()
-        .flat_map(|(rank, d)| std::iter::repeat_n((rank, d), threads))
-        .collect();
+    let (plan, labels): (Vec<(usize, Option<&Destination>)>, Vec<String>) = match &connections {
+        Connections::Dial(destinations) => destinations
+            .iter()
+            .enumerate()
+            .flat_map(|(rank, d)| std::iter::repeat_n((rank, Some(d)), threads))
+            .map(|(rank, d)| ((rank, d), d.map(|d| d.to_string()).unwrap_or_default()))
+            .unzip(),
+        Connections::Accept(_) => (0..DIAL_RANKS * DIAL_INDEXES)
+            .map(|slot| {
+                let (rank, index) = (slot / DIAL_INDEXES, slot % DIAL_INDEXES);
+                ((rank, None), format!("rank {rank} #{index} (dialed in)"))
+            })
+            .unzip(),
+    };
     let ranks: Vec<usize> = plan.iter().map(|(rank, _)| *rank).collect();
     let window = Arc::new(Window::new(config.window, config.inflight, &ranks));
-    let links: Arc<Vec<Link>> =
-        Arc::new(plan.iter().map(|(_, d)| Link::new(d.to_string())).collect());
+    let accepting = matches!(connections, Connections::Accept(_));
+    if accepting {
+        // The receiver decides which connections exist; none is "coming".
+        window.skip_first_attempts();
+    }
+    let links: Arc<Vec<Link>> = Arc::new(labels.into_iter().map(Link::new).collect());
     let clock = Arc::new(Clock::new());
     let stream_digest: Arc<OnceLock<u128>> = Arc::default();
     let read = Arc::new(AtomicU64::new(0));
@@ -71,7 +209,7 @@ pub fn send(
         );
         let stop = Arc::clone(&window);
         Reporter::spawn(
-            move || report(&window, &links, &clock, read.load(Relaxed)),
+            move || report(&window, &links, &clock, read.load(Relaxed), accepting),
             move |sig| stop.cancel(sig),
         )
         .map_err(|e| Error::io("install signal handlers", e))?
@@ -92,33 +230,32 @@ pub fn send(
         .map_err(|e| Error::io("choose a session id", std::io::Error::other(e)))?;
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<()>();
-    for (w, (_, dest)) in plan.iter().enumerate() {
-        let (window, links, config, dest) = (
-            Arc::clone(&window),
-            Arc::clone(&links),
-            config.clone(),
-            (*dest).clone(),
-        );
-        let (stop, exited) = (stop_rx.clone(), exit_tx.clone());
-        std::thread::Builder::new()
-            .name(format!("tx-worker-{w}"))
-            .spawn(move || {
-                let _guard = PanicGuard {
-                    window: &window,
-                    exited,
-                    name: format!("tx-worker-{w}"),
-                };
-                let shared = worker::Shared {
-                    config: &config,
-                    window: &window,
-                    session,
-                    stop,
-                };
-                worker::run(&shared, w, &dest, &links[w]);
-            })
-            .map_err(|e| Error::io("spawn worker thread", e))?;
+    let crew = Arc::new(Crew {
+        config: config.clone(),
+        window: Arc::clone(&window),
+        links: Arc::clone(&links),
+        session,
+        stop: stop_rx,
+        exited: exit_tx,
+    });
+    let mut wake_acceptor = None;
+    match connections {
+        Connections::Dial(_) => {
+            for (w, (_, dest)) in plan.iter().enumerate() {
+                let dest = dest.expect("dialing plans name a destination").clone();
+                spawn_worker(&crew, w, Source::Dial(dest))?;
+            }
+        }
+        Connections::Accept(listener) => {
+            wake_acceptor = listener.local_addr().ok();
+            let crew = Arc::clone(&crew);
+            std::thread::Builder::new()
+                .name("tx-acceptor".into())
+                .spawn(move || accept(&crew, &listener))
+                .map_err(|e| Error::io("spawn acceptor thread", e))?;
+        }
     }
-    drop(exit_tx);
+    drop(crew);
 
     let monitor = {
         let read = Arc::clone(&read);
@@ -127,6 +264,10 @@ pub fn send(
     let outcome = window.outcome(config.reconnect_timeout);
     window.finish(Err(Error::Internal("stopped".into())));
     drop(stop_tx);
+    if let Some(addr) = wake_acceptor {
+        // The acceptor sees the run is over on its next connection.
+        let _ = TcpStream::connect_timeout(&addr, Duration::from_millis(200));
+    }
     // Give workers a moment to close their connections cleanly.
     let deadline = Instant::now() + LINGER;
     while exit_rx.recv_deadline(deadline).is_ok() {}
@@ -145,7 +286,10 @@ pub fn send(
         connections: links.iter().map(report::Connection::from).collect(),
     });
     if config.verbose >= 2 {
-        log::debug!("{}", report(&window, &links, &clock, sent).trim_end());
+        log::debug!(
+            "{}",
+            report(&window, &links, &clock, sent, accepting).trim_end()
+        );
     }
     if let Some(every) = config.chaos {
         log::warn!("chaos {every}: injected {} faults", window.faults());
@@ -249,12 +393,16 @@ impl Drop for PanicGuard<'_> {
 }
 
 /// The SIGUSR1 report.
-fn report(window: &Window, links: &[Link], clock: &Clock, read: u64) -> String {
+fn report(window: &Window, links: &[Link], clock: &Clock, read: u64, accepting: bool) -> String {
     let snap = window.snapshot();
     let sent: u64 = links.iter().map(Link::bytes).sum();
     let reconnects: u64 = links.iter().map(Link::reconnects).sum();
     let mut out = String::from("viamillipede tx report\n");
     for (w, link) in links.iter().enumerate() {
+        // An accepting sender lists only the slots the receiver dialed.
+        if accepting && link.feet() == 0 && link.state() == LinkState::Connecting {
+            continue;
+        }
         let inflight = snap.inflight.get(w).copied().unwrap_or(0);
         out.push_str(&link.line(&format!("worker-{w}"), &format!(" {inflight:>2} in flight")));
         out.push('\n');

@@ -226,6 +226,13 @@ impl Window {
         })
     }
 
+    /// No slot is on a first connection attempt (when the receiver dials).
+    pub fn skip_first_attempts(&self) {
+        for slot in &mut self.lock().slots {
+            slot.first_attempt = false;
+        }
+    }
+
     /// Worker `w`'s attempt to connect failed.
     pub fn attempt_failed(&self, w: usize) {
         self.lock().slots[w].first_attempt = false;

@@ -17,6 +17,7 @@ use crate::{net, wire};
 use crossbeam_channel::Receiver;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
+use std::ops::ControlFlow;
 use std::time::Duration;
 use zstd::bulk::Compressor;
 
@@ -43,31 +44,17 @@ enum OpenError {
     Fatal(Error),
 }
 
-/// Runs worker `w` until the transfer is over.
+/// Runs worker `w`, dialing `dest`, until the transfer is over.
 pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     let mut backoff = BACKOFF_START;
     let mut connections = 0u64;
     while !shared.window.is_finished() {
         link.set_state(LinkState::Connecting);
-        match open(shared, w, dest) {
-            Ok(opened) => {
-                if connections > 0 {
-                    link.count_reconnect();
-                }
-                connections += 1;
-                backoff = BACKOFF_START;
-                log::info!("worker {w}: connected to {dest}");
-                serve(shared, w, opened, link);
-            }
-            Err(OpenError::Fatal(e)) => {
-                shared.window.finish(Err(e));
-                break;
-            }
-            Err(OpenError::Retry(e)) => {
-                shared.window.attempt_failed(w);
-                log::debug!("worker {w}: {e}");
-                shared.window.note_error(e);
-            }
+        let opened = dial(shared, dest).and_then(|s| handshake(shared, w, s, dest));
+        match use_connection(shared, w, opened, link, &mut connections) {
+            ControlFlow::Break(()) => break,
+            ControlFlow::Continue(true) => backoff = BACKOFF_START,
+            ControlFlow::Continue(false) => {}
         }
         if shared.window.is_finished() {
             break;
@@ -84,6 +71,60 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     link.set_state(LinkState::Closed);
 }
 
+/// Runs worker `w` on the connections the receiver makes to us (reverse
+/// mode): each stream that arrives for this slot, until the run is over.
+pub fn run_accepted(shared: &Shared, w: usize, streams: &Receiver<TcpStream>, link: &Link) {
+    let mut connections = 0u64;
+    while !shared.window.is_finished() {
+        link.set_state(LinkState::Connecting);
+        let stream = crossbeam_channel::select! {
+            recv(streams) -> s => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            recv(shared.stop) -> _ => break,
+        };
+        let opened = handshake(shared, w, stream, &link.peer);
+        if use_connection(shared, w, opened, link, &mut connections).is_break() {
+            break;
+        }
+    }
+    link.set_state(LinkState::Closed);
+}
+
+/// Serves an opened connection, or records why it could not be opened.
+/// Breaks when the whole transfer must stop; otherwise says whether a
+/// connection was made.
+fn use_connection(
+    shared: &Shared,
+    w: usize,
+    opened: Result<Opened, OpenError>,
+    link: &Link,
+    connections: &mut u64,
+) -> ControlFlow<(), bool> {
+    match opened {
+        Ok(opened) => {
+            if *connections > 0 {
+                link.count_reconnect();
+            }
+            *connections += 1;
+            log::info!("worker {w}: connected to {}", link.peer);
+            serve(shared, w, opened, link);
+            return ControlFlow::Continue(true);
+        }
+        Err(OpenError::Fatal(e)) => {
+            shared.window.finish(Err(e));
+            return ControlFlow::Break(());
+        }
+        Err(OpenError::Retry(e)) => {
+            shared.window.attempt_failed(w);
+            log::debug!("worker {w}: {e}");
+            shared.window.note_error(e);
+        }
+    }
+    ControlFlow::Continue(false)
+}
+
 /// An open connection and what was agreed for it.
 struct Opened {
     stream: TcpStream,
@@ -93,14 +134,26 @@ struct Opened {
     checksums: bool,
 }
 
-/// Connects and completes the handshake (proving the key, if there is one).
-fn open(shared: &Shared, w: usize, dest: &Destination) -> Result<Opened, OpenError> {
+/// Connects to `dest`.
+fn dial(shared: &Shared, dest: &Destination) -> Result<TcpStream, OpenError> {
     let c = shared.config;
+    net::connect(dest, CONNECT_TIMEOUT.min(c.reconnect_timeout), &c.socket)
+        .map_err(|e| OpenError::Retry(format!("connect to {dest}: {e}")))
+}
+
+/// Completes the handshake on a new connection to `peer` (proving the key,
+/// if there is one).
+fn handshake(
+    shared: &Shared,
+    w: usize,
+    mut stream: TcpStream,
+    peer: &dyn std::fmt::Display,
+) -> Result<Opened, OpenError> {
+    let c = shared.config;
+    let dest = peer;
     let retry =
         |what: &str, e: &dyn std::fmt::Display| OpenError::Retry(format!("{what} {dest}: {e}"));
     let fatal = |msg: String| OpenError::Fatal(Error::Peer(format!("{dest}: {msg}")));
-    let mut stream = net::connect(dest, CONNECT_TIMEOUT.min(c.reconnect_timeout), &c.socket)
-        .map_err(|e| retry("connect to", &e))?;
     net::tune(&stream, &c.socket).map_err(|e| retry("set options on connection to", &e))?;
     stream
         .set_read_timeout(Some(c.handshake_timeout))
