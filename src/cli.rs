@@ -785,21 +785,6 @@ mod tests {
         assert!(parse_size("x").is_err());
         assert!(parse_size("99999999999999G").is_err());
     }
-}
-
-#[cfg(test)]
-mod socket_tests {
-    use super::*;
-
-    fn config(line: &str) -> Result<Config, Error> {
-        let args = std::iter::once("viamillipede")
-            .chain(line.split_whitespace())
-            .map(OsString::from);
-        match parse(args)? {
-            Parsed::Run(c) => Ok(*c),
-            Parsed::Print(p) => panic!("unexpected print: {p}"),
-        }
-    }
 
     #[test]
     fn local_addresses_per_destination_and_for_all() {

@@ -9,7 +9,6 @@
 
 use crate::config::{Config, Destination, Tunnel};
 use crate::error::{Error, Result};
-use crate::prbs::Prbs;
 use crate::{net, rx, tx, Summary};
 use crossbeam_channel::Receiver;
 use std::fs::File;
@@ -32,12 +31,7 @@ pub fn run(
         None => {
             let stdout = std::io::stdout().as_fd().try_clone_to_owned();
             let stdout = File::from(stdout.map_err(|e| Error::io("open stdout", e))?);
-            if let Some(seed) = config.prbs {
-                return both(config, addr, port, destinations, Prbs::new(seed), stdout);
-            }
-            let stdin = std::io::stdin().as_fd().try_clone_to_owned();
-            let stdin = File::from(stdin.map_err(|e| Error::io("open stdin", e))?);
-            both(config, addr, port, destinations, stdin, stdout)
+            both(config, addr, port, destinations, tx::input(config)?, stdout)
         }
         Some(tunnel) => {
             let (sockets, socket) = crossbeam_channel::bounded(2);

@@ -36,20 +36,25 @@ use xxhash_rust::xxh3::Xxh3Default;
 /// How long to let workers close their connections after the outcome.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// Sends stdin to `destinations` (most preferred first).
-pub fn run(config: &Config, destinations: &[Destination]) -> Result<Summary> {
+/// What tx sends: the pseudo-random stream of `prbs SEED`, or stdin.
+pub fn input(config: &Config) -> Result<Box<dyn Read + Send>> {
     if let Some(seed) = config.prbs {
-        return send(config, Connections::Dial(destinations), Prbs::new(seed));
+        return Ok(Box::new(Prbs::new(seed)));
     }
     let stdin = std::io::stdin()
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| Error::io("open stdin", e))?;
-    send(config, Connections::Dial(destinations), File::from(stdin))
+    Ok(Box::new(File::from(stdin)))
 }
 
-/// Sends stdin over the connections the receiver makes to `[addr:]port`
-/// (reverse mode, `--listen`).
+/// Sends the input to `destinations` (most preferred first).
+pub fn run(config: &Config, destinations: &[Destination]) -> Result<Summary> {
+    send(config, Connections::Dial(destinations), input(config)?)
+}
+
+/// Sends the input over the connections the receiver makes to
+/// `[addr:]port` (reverse mode, `--listen`).
 pub fn run_listening(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
     let listener = net::listen(addr, port, &config.socket)
         .map_err(|e| Error::io(format!("listen on port {port}"), e))?;
@@ -57,14 +62,7 @@ pub fn run_listening(config: &Config, addr: Option<&str>, port: u16) -> Result<S
         .local_addr()
         .map_err(|e| Error::io("read the listening address", e))?;
     let _ = writeln!(std::io::stderr(), "viamillipede: listening on {local}");
-    if let Some(seed) = config.prbs {
-        return send(config, Connections::Accept(listener), Prbs::new(seed));
-    }
-    let stdin = std::io::stdin()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| Error::io("open stdin", e))?;
-    send(config, Connections::Accept(listener), File::from(stdin))
+    send(config, Connections::Accept(listener), input(config)?)
 }
 
 /// Where tx's connections come from.
