@@ -20,21 +20,19 @@ fn read_json(path: &std::path::Path) -> Value {
 #[test]
 fn stats_json_describes_both_sides() {
     let (tx_json, rx_json) = (stats_path("tx.json"), stats_path("rx.json"));
-    let (mut r, port) = rx(&["--stats-json", rx_json.to_str().unwrap()]);
-    let p = port.to_string();
-    let input = Arc::new(data(5 * FOOT + 11, 41));
-    let args = [
-        "tx",
-        "127.0.0.1",
-        &p,
+    let input = data(5 * FOOT + 11, 41);
+    let tx_words = [
         "threads",
         "3",
         "checksums",
         "--stats-json",
         tx_json.to_str().unwrap(),
     ];
-    let mut t = tx(&args, Arc::clone(&input));
-    expect_delivered(&mut t, &mut r, &input, "with stats");
+    transfer(
+        input.clone(),
+        &tx_words,
+        &["--stats-json", rx_json.to_str().unwrap()],
+    );
     let len = input.len() as u64;
     for (path, role) in [(&tx_json, "tx"), (&rx_json, "rx")] {
         let doc = read_json(path);
@@ -145,21 +143,14 @@ fn progress_lines_on_a_non_terminal_stderr_never_touch_stdout() {
 /// tx's stats document counts them.
 fn compressed_transfer(input: Vec<u8>, name: &str) -> (u64, u64) {
     let path = stats_path(name);
-    let (mut r, port) = rx(&[]);
-    let p = port.to_string();
-    let input = Arc::new(input);
-    let args = [
-        "tx",
-        "127.0.0.1",
-        &p,
+    let tx_words = [
         "threads",
         "3",
         "--compress",
         "--stats-json",
         path.to_str().unwrap(),
     ];
-    let mut t = tx(&args, Arc::clone(&input));
-    expect_delivered(&mut t, &mut r, &input, name);
+    transfer(input, &tx_words, &[]);
     let side = read_json(&path)["sides"][0].clone();
     (
         side["payload_bytes"].as_u64().unwrap(),

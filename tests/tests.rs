@@ -18,19 +18,6 @@ use util::*;
 
 const FOOT: usize = 2 << 20;
 
-/// Sends `input` through rx and tx with the given extra tx words; checks
-/// byte-exact output and exit 0 on both sides. Returns both stderrs.
-fn transfer(input: Vec<u8>, tx_extra: &[&str], rx_extra: &[&str]) -> (String, String) {
-    let input = Arc::new(input);
-    let (mut r, port) = rx(rx_extra);
-    let port = port.to_string();
-    let mut args = vec!["tx", "127.0.0.1", &port];
-    args.extend_from_slice(tx_extra);
-    let mut t = tx(&args, Arc::clone(&input));
-    expect_delivered(&mut t, &mut r, &input, "transfer");
-    (t.stderr(), r.stderr())
-}
-
 #[test]
 fn sizes_around_the_foot_boundary_arrive_exactly() {
     for (i, len) in [0, 1, FOOT - 1, FOOT, FOOT + 1, 3 * FOOT + 17]

@@ -302,6 +302,19 @@ pub fn expect_delivered(tx: &mut Proc, rx: &mut Proc, want: &[u8], what: &str) {
     assert_same(&out, want, what);
 }
 
+/// Sends `input` through rx and tx with the given extra tx words; checks
+/// byte-exact output and exit 0 on both sides. Returns both stderrs.
+pub fn transfer(input: Vec<u8>, tx_extra: &[&str], rx_extra: &[&str]) -> (String, String) {
+    let input = Arc::new(input);
+    let (mut r, port) = rx(rx_extra);
+    let port = port.to_string();
+    let mut args = vec!["tx", "127.0.0.1", &port];
+    args.extend_from_slice(tx_extra);
+    let mut t = tx(&args, Arc::clone(&input));
+    expect_delivered(&mut t, &mut r, &input, "transfer");
+    (t.stderr(), r.stderr())
+}
+
 /// Asserts equal bytes without printing megabytes.
 pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
