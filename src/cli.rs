@@ -190,9 +190,9 @@ pub struct Cli {
     pub initiate: Option<String>,
 
     /// Check every foot with an xxh3 checksum before it is written (a
-    /// mismatch drops the connection and the foot is sent again), and print
-    /// a digest of the whole stream at exit (verbose 1) on both sides, to
-    /// compare. Either side asking is enough.
+    /// mismatch drops the connection and the foot is sent again). Either
+    /// side asking is enough. At exit (verbose 1) rx prints a digest of the
+    /// whole stream, and so does tx when it was given checksums, to compare.
     #[arg(long, alias = "checksum")]
     pub checksums: bool,
 

@@ -36,14 +36,24 @@ pub struct Monitor {
 
 impl Monitor {
     /// Starts watching `count()` (bytes moved so far), labelled `what`
-    /// ("read", "written").
+    /// ("read", "written"), if anyone will look: `display.progress`, or
+    /// `series` for the stats document. Otherwise no thread runs.
     pub fn start(
         count: impl Fn() -> u64 + Send + 'static,
         display: Display,
+        series: bool,
         what: &'static str,
     ) -> Monitor {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-        let series = Arc::new(Mutex::new(Vec::new()));
+        let series_kept = Arc::new(Mutex::new(Vec::new()));
+        if !display.progress && !series {
+            return Monitor {
+                stop: None,
+                thread: None,
+                series: series_kept,
+            };
+        }
+        let series = series_kept;
         let samples = Arc::clone(&series);
         let thread = std::thread::Builder::new()
             .name("monitor".into())
@@ -195,7 +205,7 @@ mod tests {
     fn the_series_counts_bytes_per_second() {
         let counter = Arc::new(AtomicU64::new(0));
         let c = Arc::clone(&counter);
-        let m = Monitor::start(move || c.load(Relaxed), Display::default(), "sent");
+        let m = Monitor::start(move || c.load(Relaxed), Display::default(), true, "sent");
         counter.store(1000, Relaxed);
         let series = m.finish();
         // Stopped at once: at most a partial first second, never more bytes

@@ -175,6 +175,7 @@ fn receive_from(
         Monitor::start(
             move || state.written.load(Ordering::Relaxed),
             config.display,
+            config.stats_json.is_some(),
             "written",
         )
     };

@@ -20,7 +20,8 @@ use xxhash_rust::xxh3::Xxh3Default;
 pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: Sender<Event>) {
     let mut reorder: Reorder<crate::pool::Buffer> = Reorder::new();
     let mut verifier = state.config.prbs.map(Verifier::new);
-    // Cheap next to writing: one pass over a foot already in cache.
+    // Only a stream with checksums gets a digest; its connections say so
+    // before they hand over any foot.
     let mut digest = Xxh3Default::new();
     let mut end: Option<u64> = None;
     for foot in feet {
@@ -45,7 +46,9 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
                 state.write_output(|| out.write_all(&ready.data).and_then(|()| out.flush()));
             match written {
                 Some(Ok(())) => {
-                    digest.update(&ready.data);
+                    if state.checksummed.load(Ordering::Relaxed) {
+                        digest.update(&ready.data);
+                    }
                     if let Some(v) = &mut verifier {
                         v.check(&ready.data);
                     }

@@ -216,10 +216,10 @@ pub fn send(
     {
         let (window, read) = (Arc::clone(&window), Arc::clone(&read));
         let (foot_size, pacing) = (config.foot_size, config.pacing.clone());
-        let digest = Arc::clone(&stream_digest);
+        let digest = config.checksums.then(|| Arc::clone(&stream_digest));
         std::thread::Builder::new()
             .name("tx-reader".into())
-            .spawn(move || ingest(input, foot_size, &pacing, &window, &read, &digest))
+            .spawn(move || ingest(input, foot_size, &pacing, &window, &read, digest.as_deref()))
             .map_err(|e| Error::io("spawn reader thread", e))?;
     }
 
@@ -257,7 +257,12 @@ pub fn send(
 
     let monitor = {
         let read = Arc::clone(&read);
-        Monitor::start(move || read.load(Relaxed), config.display, "read")
+        Monitor::start(
+            move || read.load(Relaxed),
+            config.display,
+            config.stats_json.is_some(),
+            "read",
+        )
     };
     let outcome = window.outcome(config.reconnect_timeout);
     window.finish(Err(Error::Internal("stopped".into())));
@@ -293,7 +298,7 @@ pub fn send(
         log::warn!("chaos {every}: injected {} faults", window.faults());
     }
     let bytes = outcome?;
-    if let Some(d) = stream_digest.get().filter(|_| window.checksummed()) {
+    if let Some(d) = stream_digest.get() {
         log::info!("stream digest (xxh3-128): {d:032x}");
     }
     if bytes != sent {
@@ -323,10 +328,9 @@ fn ingest(
     pacing: &Pacing,
     window: &Window,
     read: &AtomicU64,
-    digest: &OnceLock<u128>,
+    digest: Option<&OnceLock<u128>>,
 ) {
-    // Cheap next to reading: one pass over a foot already in cache.
-    let mut hasher = Xxh3Default::new();
+    let mut hasher = digest.map(|_| Xxh3Default::new());
     // One buffer more than the window: the one being filled.
     let pool = Pool::new(window.size() as usize + 1, foot_size as usize);
     let start = Instant::now();
@@ -354,9 +358,11 @@ fn ingest(
         };
         total += data.len() as u64;
         read.fetch_add(data.len() as u64, Relaxed);
-        hasher.update(&data);
-        if end {
-            let _ = digest.set(hasher.digest128());
+        if let (Some(h), Some(d)) = (&mut hasher, digest) {
+            h.update(&data);
+            if end {
+                let _ = d.set(h.digest128());
+            }
         }
         if let Some(rate) = pacing.rate {
             // Token bucket with one foot of burst: no foot leaves before the

@@ -17,7 +17,7 @@
 use crate::error::Error;
 use crate::pool::Buffer;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,8 +106,6 @@ pub struct Window {
     /// Until then, a destination still on its first connection attempt holds
     /// back the worse-ranked ones.
     grace_until: Instant,
-    /// Whether the receiver agreed to per-foot checksums.
-    checksummed: AtomicBool,
     /// Feet handed to connections, for `chaos`.
     sends: AtomicU64,
     /// Faults injected by `chaos`.
@@ -147,7 +145,6 @@ impl Window {
             window: u64::from(window),
             inflight: inflight as usize,
             grace_until: Instant::now() + FIRST_ATTEMPT_GRACE,
-            checksummed: AtomicBool::new(false),
             sends: AtomicU64::new(0),
             faults: AtomicU64::new(0),
         }
@@ -354,16 +351,6 @@ impl Window {
     /// Faults `chaos` injected.
     pub fn faults(&self) -> u64 {
         self.faults.load(Ordering::Relaxed)
-    }
-
-    /// Records that feet carry checksums (either side asked).
-    pub fn set_checksummed(&self) {
-        self.checksummed.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether feet carried checksums.
-    pub fn checksummed(&self) -> bool {
-        self.checksummed.load(Ordering::Relaxed)
     }
 
     /// Whether the transfer is over.

@@ -147,10 +147,9 @@ fn handshake(
     shared: &Shared,
     w: usize,
     mut stream: TcpStream,
-    peer: &dyn std::fmt::Display,
+    dest: &dyn std::fmt::Display,
 ) -> Result<Opened, OpenError> {
     let c = shared.config;
-    let dest = peer;
     let retry =
         |what: &str, e: &dyn std::fmt::Display| OpenError::Retry(format!("{what} {dest}: {e}"));
     let fatal = |msg: String| OpenError::Fatal(Error::Peer(format!("{dest}: {msg}")));
@@ -244,9 +243,6 @@ fn handshake(
             let checksums = reply.flags & FLAG_CHECKSUMS != 0;
             if c.checksums && !checksums {
                 return Err(fatal("the receiver did not agree to checksums".into()));
-            }
-            if checksums {
-                shared.window.set_checksummed();
             }
             shared.window.advance(reply.delivered);
             Ok(Opened {
