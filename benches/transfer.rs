@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod emulator;
+mod wan;
+
 /// The peers a scenario needs, with the Debian package that has them.
 const PEERS: &[(&str, &str)] = &[
     ("nc", "netcat-openbsd"),
@@ -40,9 +43,19 @@ fn main() {
     let mut report = String::new();
     for s in &scenarios {
         match s.as_str() {
-            "loopback" | "all" => report.push_str(&loopback()),
+            "loopback" => report.push_str(&loopback()),
+            "wan" => report.push_str(&wan::wan()),
+            "validate" => report.push_str(&wan::validation()),
+            "multipath" => report.push_str(&wan::multipath()),
+            "all" => {
+                report.push_str(&loopback());
+                report.push_str(&wan::wan());
+                report.push_str(&wan::multipath());
+            }
             other => {
-                eprintln!("unknown scenario {other:?}; known: loopback, all");
+                eprintln!(
+                    "unknown scenario {other:?}; known: loopback, wan, multipath, all, validate"
+                );
                 std::process::exit(2);
             }
         }
@@ -69,8 +82,9 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn require_peers() {
-    let missing: Vec<&str> = PEERS
+/// Stops with the apt command for whatever of `peers` is missing.
+fn require(peers: &[(&str, &str)]) {
+    let missing: Vec<&str> = peers
         .iter()
         .filter(|(cmd, _)| {
             !Command::new("sh")
@@ -154,8 +168,12 @@ fn read_time(path: &Path) -> (f64, u64) {
     )
 }
 
-fn timed(time_file: &Path, shell: &str) -> Command {
-    let mut c = Command::new("/usr/bin/time");
+/// `shell` under GNU time, inside network namespace `ns` if given.
+fn timed(ns: Option<&str>, time_file: &Path, shell: &str) -> Command {
+    let mut c = match ns {
+        Some(ns) => emulator::Wan::exec(ns, "/usr/bin/time"),
+        None => Command::new("/usr/bin/time"),
+    };
     c.arg("-f")
         .arg("%U %S %M")
         .arg("-o")
@@ -175,12 +193,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Whether something listens on `port` (read from /proc, without
-/// connecting, which would confuse one-shot listeners like nc).
-fn listening(port: u16) -> bool {
+/// Whether something listens on `port` in process `pid`'s network namespace
+/// (read from /proc, without connecting, which would confuse one-shot
+/// listeners like nc).
+fn listening(pid: u32, port: u16) -> bool {
     let needle = format!(":{port:04X} ");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|p| {
-        fs::read_to_string(p).unwrap_or_default().lines().any(|l| {
+    ["tcp", "tcp6"].iter().any(|p| {
+        let table = fs::read_to_string(format!("/proc/{pid}/net/{p}"));
+        table.unwrap_or_default().lines().any(|l| {
             l.split_whitespace()
                 .nth(1)
                 .is_some_and(|a| format!("{a} ").ends_with(&needle))
@@ -234,10 +254,24 @@ fn wait_all(
     }
 }
 
-fn run_tool(tool: &Tool, inp: &Path, out: &Path, dir: &Path) -> Run {
+/// Where the two ends run: namespaces (or none, for loopback) and the port.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    rx_ns: Option<&'a str>,
+    tx_ns: Option<&'a str>,
+    port: Option<u16>,
+}
+
+const LOOPBACK: Place<'static> = Place {
+    rx_ns: None,
+    tx_ns: None,
+    port: None,
+};
+
+fn run_tool(tool: &Tool, inp: &Path, out: &Path, dir: &Path, place: Place) -> Run {
     let (rx_time, tx_time) = (dir.join("rx.time"), dir.join("tx.time"));
-    let mut port = free_port();
-    let mut rx_cmd = timed(&rx_time, &(tool.rx)(port, out));
+    let mut port = place.port.unwrap_or_else(free_port);
+    let mut rx_cmd = timed(place.rx_ns, &rx_time, &(tool.rx)(port, out));
     rx_cmd.stdin(Stdio::null()).stderr(Stdio::piped());
     let mut rx = rx_cmd.spawn().expect("spawn receiver");
     if tool.reports_port {
@@ -255,7 +289,7 @@ fn run_tool(tool: &Tool, inp: &Path, out: &Path, dir: &Path) -> Run {
         std::thread::spawn(move || lines.for_each(drop));
     } else {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !listening(port) {
+        while !listening(rx.id(), port) {
             assert!(
                 Instant::now() < deadline,
                 "{} receiver never listened",
@@ -265,7 +299,7 @@ fn run_tool(tool: &Tool, inp: &Path, out: &Path, dir: &Path) -> Run {
         }
     }
     let start = Instant::now();
-    let tx = timed(&tx_time, &(tool.tx)(port, inp))
+    let tx = timed(place.tx_ns, &tx_time, &(tool.tx)(port, inp))
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn sender");
@@ -290,7 +324,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn loopback() -> String {
-    require_peers();
+    require(PEERS);
     let dir = bench_dir();
     let mib = env_num("BENCH_SIZE_MIB", 1024);
     let rounds = env_num("BENCH_ROUNDS", 3) as usize;
@@ -365,7 +399,7 @@ fn loopback() -> String {
     for round in 0..rounds {
         for (i, tool) in tools.iter().enumerate() {
             let _ = fs::remove_file(&out);
-            let r = run_tool(tool, &inp, &out, &dir);
+            let r = run_tool(tool, &inp, &out, &dir, LOOPBACK);
             let got = sha256(&out);
             assert_eq!(got, want, "{}: output differs from input", tool.name);
             eprintln!(

@@ -1,5 +1,9 @@
 //! End-to-end tests: the real binary on loopback.
 
+#[allow(dead_code)]
+#[path = "../benches/emulator.rs"]
+mod emulator;
+mod emulator_checks;
 mod hostile;
 mod keywords;
 mod observe;
