@@ -260,6 +260,7 @@ impl Wan {
                 "1000",
                 "up",
             ])?;
+            dev.set_nonblock()?;
             ends.push(Arc::new(dev));
         }
         for (from, to, forward) in [(0, 1, true), (1, 0, false)] {
@@ -268,9 +269,12 @@ impl Wan {
             let p = Arc::clone(&path);
             let stop = Arc::clone(&self.stop);
             let rng = seed ^ ((i as u64) << 32) ^ u64::from(forward);
-            self.threads.push(std::thread::spawn(move || {
-                carry_in(&src, &p, forward, rng, &stop, &tx)
-            }));
+            let dir = if forward { "ab" } else { "ba" };
+            let spawn = |name: String| std::thread::Builder::new().name(name);
+            self.threads.push(
+                spawn(format!("emu-in-{i}{dir}"))
+                    .spawn(move || carry_in(&src, &p, forward, rng, &stop, &tx))?,
+            );
             let p = Arc::clone(&path);
             let stop = Arc::clone(&self.stop);
             self.threads.push(std::thread::spawn(move || {
@@ -371,6 +375,13 @@ impl Link {
     }
 }
 
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+    )
+}
+
 /// Reads packets entering the path, decides their fate and when they arrive.
 fn carry_in(
     src: &tun::Device,
@@ -391,10 +402,19 @@ fn carry_in(
     };
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
-        let n = match src.recv_timeout(&mut buf, Duration::from_millis(100)) {
+        // Non-blocking: under load a read succeeds at once and costs one
+        // system call; only an idle device is polled (with a timeout, to
+        // notice the stop flag).
+        let n = match src.recv(&mut buf) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match src.recv_timeout(&mut buf, Duration::from_millis(100)) {
+                    Ok(n) => n,
+                    Err(e) if is_transient(&e) => continue,
+                    Err(_) => return,
+                }
+            }
+            Err(e) if is_transient(&e) => continue,
             Err(_) => return,
         };
         let spec = *path.spec.lock().unwrap();
@@ -430,7 +450,7 @@ fn carry_out(
         &path.backward
     };
     // Close enough: waking up costs about this much anyway.
-    const SLACK: Duration = Duration::from_micros(50);
+    const SLACK: Duration = Duration::from_micros(100);
     let mut pending: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
         if pending.is_empty() {

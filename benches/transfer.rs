@@ -35,6 +35,10 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    if scenarios.first().map(String::as_str) == Some("shell") {
+        wan::shell(&scenarios[1..]);
+        return;
+    }
     let scenarios = if scenarios.is_empty() {
         vec!["loopback".to_string()]
     } else {

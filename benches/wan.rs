@@ -447,7 +447,7 @@ pub fn multipath() -> String {
     // Scenario 5: a 60 Mbit/s source stays on the first path.
     let small = input(&dir, 96);
     let tool = viamillipede(
-        "pv -L 60 Mbit/s | viamillipede threads 4",
+        "pv -L 60 Mbit/s into viamillipede threads 4",
         &dests,
         "threads 4",
         Some("pv -q -L 7500000"),
@@ -578,4 +578,56 @@ pub fn ss(ns: &str) -> String {
     let out = Wan::exec(ns, "ss").args(["-tin"]).output();
     out.map(|o| String::from_utf8_lossy(&o.stdout).to_string())
         .unwrap_or_default()
+}
+
+/// `cargo bench --bench transfer -- shell [MBIT/RTT_MS/LOSS_PERCENT]... [cc=NAME]`:
+/// builds the emulated WAN (one path per spec; default one 200/50/0.1
+/// path) and keeps it until stdin closes, for experiments by hand with
+/// `ip netns exec`.
+pub fn shell(args: &[String]) {
+    if !can_run("shell") {
+        std::process::exit(1);
+    }
+    let mut cc = "cubic".to_string();
+    let mut specs = Vec::new();
+    for a in args {
+        if let Some(name) = a.strip_prefix("cc=") {
+            cc = name.to_string();
+            continue;
+        }
+        let f: Vec<f64> = a
+            .split('/')
+            .map(|x| x.parse().expect("MBIT/RTT_MS/LOSS_PERCENT"))
+            .collect();
+        assert_eq!(f.len(), 3, "MBIT/RTT_MS/LOSS_PERCENT, not {a}");
+        specs.push(PathSpec::new(f[0] as u64, f[1], f[2] / 100.0));
+    }
+    if specs.is_empty() {
+        specs.push(PathSpec::new(200, 50.0, 0.001));
+    }
+    let wan = Wan::new(&specs, &cc, SEED).expect("build the emulated WAN");
+    for (i, s) in specs.iter().enumerate() {
+        println!(
+            "path {}: {} -> {}: {}",
+            i + 1,
+            wan.a,
+            wan.addr_b(i),
+            s.describe()
+        );
+    }
+    println!(
+        "namespaces {} (sender) and {} (receiver), cc {cc}; close stdin to tear down",
+        wan.a, wan.b
+    );
+    let mut sink = String::new();
+    while std::io::stdin()
+        .read_line(&mut sink)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        for i in 0..specs.len() {
+            let (f, b) = wan.count(i);
+            println!("path {}: a->b {:?}\n        b->a {:?}", i + 1, f, b);
+        }
+    }
 }

@@ -307,10 +307,14 @@ pub fn send(
         )));
     }
     let reconnects: u64 = links.iter().map(Link::reconnects).sum();
+    let snap = window.snapshot();
     let mut detail = format!(
         "{} retransmitted feet, {reconnects} reconnects",
-        window.snapshot().retransmits
+        snap.retransmits
     );
+    if snap.stalls > 0 {
+        detail += &format!(", {} stalled connections closed", snap.stalls);
+    }
     if let Some(every) = config.chaos {
         detail += &format!(", {} faults injected by chaos {every}", window.faults());
     }
@@ -419,11 +423,12 @@ fn report(window: &Window, links: &[Link], clock: &Clock, read: u64, accepting: 
     );
     let _ = writeln!(
         out,
-        "  connections {}/{} up, retransmitted feet {}, reconnects {}, window {}/{} feet ({} unacknowledged, {} queued), rx has written {} feet",
+        "  connections {}/{} up, retransmitted feet {}, reconnects {}, stalled {}, window {}/{} feet ({} unacknowledged, {} queued), rx has written {} feet",
         snap.connected,
         links.len(),
         snap.retransmits,
         reconnects,
+        snap.stalls,
         snap.ahead,
         window.size(),
         snap.held,

@@ -5,18 +5,31 @@
 //! *pull*: a connection is given a foot only while it has fewer than
 //! `inflight` feet unacknowledged, so a faster connection (acknowledged
 //! sooner) carries more, and a connection to a lower-ranked destination is
-//! given a foot only when every live connection of a better rank is full.
+//! given a foot only when every live connection of a better rank is full,
+//! or the foot has waited for one long enough to show they are saturated
+//! (a connection in the middle of writing a foot has room by the count,
+//! yet cannot take one).
 //! Flow control: the reader may not run more than `window` feet ahead of what
 //! rx has written, which bounds memory on both sides. When a connection is
 //! lost, its unacknowledged feet go back to the queue at once, lowest id
 //! first, so the foot the receiver is waiting for is resent first.
+//!
+//! A connection can also stall without failing, when its path goes dark:
+//! TCP keeps retrying, with exponential backoff, for as long as the path is
+//! gone, and would notice it is back only at its next retry, many seconds
+//! later. A watchdog (`watch`, run by the thread waiting for the outcome)
+//! declares a connection lost when it has had feet in flight and no
+//! acknowledgement for three of its typical foot times (at least a second;
+//! ten before its first acknowledgement): its
+//! socket is shut down, its feet go to the others at once, and its worker
+//! dials again, which succeeds within a few seconds of the path's return.
 //!
 //! One mutex and one condition variable: every change wakes the waiters,
 //! which re-check their condition; there is no polling.
 
 use crate::error::Error;
 use crate::pool::Buffer;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,6 +38,20 @@ use std::time::{Duration, Instant};
 /// back worse-ranked destinations: long enough for a reachable one to
 /// connect, short enough that an unreachable one costs little.
 const FIRST_ATTEMPT_GRACE: Duration = Duration::from_secs(1);
+
+/// A connection is stalled after at least this long without an
+/// acknowledgement while it has feet in flight.
+const STALL_MIN: Duration = Duration::from_secs(1);
+
+/// The same for a connection that has not had a foot acknowledged yet.
+const STALL_FIRST: Duration = Duration::from_secs(10);
+
+/// A foot waiting this long for a connection of the best rank with room
+/// goes to a worse rank: the better ones are saturated.
+const SPILL_PATIENCE: Duration = Duration::from_millis(500);
+
+/// How often the watchdog looks for stalled feet.
+pub const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// A numbered slice of the input.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +62,14 @@ pub struct Foot {
     pub data: Buffer,
     /// Whether it ends the stream.
     pub end: bool,
+}
+
+/// What the scheduling rule allows a worker.
+enum Pick {
+    /// Send this foot.
+    Foot(u64),
+    /// Nothing yet: wait for a change, or until then at the latest.
+    Wait(Option<Instant>),
 }
 
 /// What a worker is told to do next.
@@ -54,13 +89,49 @@ struct Slot {
     connected: bool,
     /// Still on its first connection attempt.
     first_attempt: bool,
-    inflight: Vec<u64>,
+    /// Unacknowledged feet and when each was handed to this connection.
+    inflight: Vec<(u64, Instant)>,
+    /// The last acknowledgement (or the connection's start).
+    last_ack: Instant,
+    /// Shuts the connection's socket down, waking its threads.
+    closer: Option<Closer>,
+    /// Smoothed time from handing a foot to this worker to its
+    /// acknowledgement (paths differ, so each worker has its own).
+    typical: Option<Duration>,
+}
+
+/// Shuts a connection down from outside its threads (the watchdog's way of
+/// ending a stalled one).
+pub struct Closer(Box<dyn Fn() + Send>);
+
+impl Closer {
+    /// A closer that runs `f`.
+    pub fn new(f: impl Fn() + Send + 'static) -> Closer {
+        Closer(Box::new(f))
+    }
+}
+
+impl std::fmt::Debug for Closer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Closer")
+    }
+}
+
+impl Slot {
+    fn holds(&self, id: u64) -> bool {
+        self.inflight.iter().any(|&(i, _)| i == id)
+    }
+
+    fn has_room(&self, inflight: usize) -> bool {
+        self.connected && self.inflight.len() < inflight
+    }
 }
 
 #[derive(Debug)]
 struct State {
     feet: BTreeMap<u64, Arc<Foot>>,
-    queue: BTreeSet<u64>,
+    /// Feet waiting for a connection, and since when.
+    queue: BTreeMap<u64, Instant>,
     slots: Vec<Slot>,
     delivered: u64,
     connected: usize,
@@ -75,6 +146,10 @@ struct State {
     cancelled: Option<String>,
     /// One more than the highest foot id admitted.
     admitted: u64,
+    /// The end foot has been admitted: the input is all read.
+    input_done: bool,
+    /// Connections the watchdog found stalled.
+    stalls: u64,
 }
 
 /// A snapshot for the stats report.
@@ -88,8 +163,10 @@ pub struct Snapshot {
     pub queued: usize,
     /// Every foot below this has been written by rx.
     pub delivered: u64,
-    /// Feet resent after a connection was lost.
+    /// Feet resent after a connection was lost (or found stalled).
     pub retransmits: u64,
+    /// Connections found stalled (and closed) by the watchdog.
+    pub stalls: u64,
     /// Unacknowledged feet per worker.
     pub inflight: Vec<usize>,
     /// Live connections.
@@ -123,12 +200,15 @@ impl Window {
                 connected: false,
                 first_attempt: true,
                 inflight: Vec::new(),
+                last_ack: Instant::now(),
+                closer: None,
+                typical: None,
             })
             .collect();
         Window {
             state: Mutex::new(State {
                 feet: BTreeMap::new(),
-                queue: BTreeSet::new(),
+                queue: BTreeMap::new(),
                 slots,
                 delivered: 0,
                 connected: 0,
@@ -140,6 +220,8 @@ impl Window {
                 receiver: None,
                 cancelled: None,
                 admitted: 0,
+                input_done: false,
+                stalls: 0,
             }),
             changed: Condvar::new(),
             window: u64::from(window),
@@ -164,14 +246,24 @@ impl Window {
     /// a window ahead of the receiver. Returns false if the transfer is over.
     pub fn admit(&self, foot: Foot) -> bool {
         let mut s = self.lock();
+        let waiting = Instant::now();
         while !s.finished && foot.id >= s.delivered + self.window {
             s = self.wait(s);
+        }
+        let waited = waiting.elapsed();
+        if waited > Duration::from_millis(250) {
+            log::debug!(
+                "window full for {} ms waiting for foot {}",
+                waited.as_millis(),
+                foot.id.saturating_sub(self.window)
+            );
         }
         if s.finished {
             return false;
         }
-        s.queue.insert(foot.id);
+        s.queue.insert(foot.id, Instant::now());
         s.admitted = s.admitted.max(foot.id + 1);
+        s.input_done |= foot.end;
         s.feet.insert(foot.id, Arc::new(foot));
         drop(s);
         self.changed.notify_all();
@@ -189,38 +281,55 @@ impl Window {
             if !s.slots[w].connected {
                 return Next::Lost;
             }
-            if self.may_send(&s, w) {
-                let id = s.queue.pop_first().expect("queue checked non-empty");
-                s.slots[w].inflight.push(id);
-                return Next::Send(Arc::clone(&s.feet[&id]));
-            }
-            // The grace for first attempts ends by itself: wake up for it.
-            let left = self.grace_until.saturating_duration_since(Instant::now());
-            s = if left.is_zero() {
-                self.wait(s)
-            } else {
-                self.changed
-                    .wait_timeout(s, left)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
+            let now = Instant::now();
+            let wake = match self.pick(&s, w, now) {
+                Pick::Foot(id) => {
+                    s.queue.remove(&id);
+                    s.slots[w].inflight.push((id, now));
+                    return Next::Send(Arc::clone(&s.feet[&id]));
+                }
+                Pick::Wait(wake) => wake,
+            };
+            // The grace for first attempts, and a queued foot's patience,
+            // end by themselves: wake up for them.
+            s = match wake {
+                None => self.wait(s),
+                Some(at) => {
+                    self.changed
+                        .wait_timeout(s, at.saturating_duration_since(now))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
             };
         }
     }
 
-    /// The scheduling rule: w has room, there is a foot, and no connection
-    /// of a better rank has room for it, or may have soon (its first attempt
-    /// to connect, for a moment after the start).
-    fn may_send(&self, s: &State, w: usize) -> bool {
+    /// The scheduling rule: which queued foot worker `w` may send now, if
+    /// any. It needs room, and a foot it does not already carry. A connection of a better rank that has room, or may have soon
+    /// (its first attempt to connect, for a moment after the start), goes
+    /// first, unless the foot has waited longer than `SPILL_PATIENCE`:
+    /// then the better ranks are saturated, whatever their counts say.
+    fn pick(&self, s: &State, w: usize, now: Instant) -> Pick {
         let me = &s.slots[w];
-        if s.queue.is_empty() || me.inflight.len() >= self.inflight {
-            return false;
+        if s.queue.is_empty() || !me.has_room(self.inflight) {
+            return Pick::Wait(None);
         }
-        let in_grace = Instant::now() < self.grace_until;
-        !s.slots.iter().any(|o| {
-            o.rank < me.rank
-                && ((o.connected && o.inflight.len() < self.inflight)
-                    || (o.first_attempt && in_grace))
-        })
+        let in_grace = now < self.grace_until;
+        let better_first = s.slots.iter().any(|o| {
+            o.rank < me.rank && (o.has_room(self.inflight) || (o.first_attempt && in_grace))
+        });
+        let mut wake: Option<Instant> = in_grace.then_some(self.grace_until);
+        for (&id, &since) in &s.queue {
+            if me.holds(id) {
+                continue;
+            }
+            let patient_until = since + SPILL_PATIENCE;
+            if !better_first || now >= patient_until {
+                return Pick::Foot(id);
+            }
+            wake = Some(wake.map_or(patient_until, |t| t.min(patient_until)));
+        }
+        Pick::Wait(if better_first { wake } else { None })
     }
 
     /// No slot is on a first connection attempt (when the receiver dials).
@@ -239,9 +348,22 @@ impl Window {
     /// rx has received foot `id` (on worker `w`'s connection).
     pub fn ack(&self, w: usize, id: u64) {
         let mut s = self.lock();
+        let now = Instant::now();
+        let slot = &mut s.slots[w];
+        if let Some(&(_, since)) = slot.inflight.iter().find(|&&(i, _)| i == id) {
+            let sample = now - since;
+            slot.typical = Some(match slot.typical {
+                Some(t) => (t * 7 + sample) / 8,
+                None => sample,
+            });
+        }
         s.feet.remove(&id);
         s.queue.remove(&id);
-        s.slots[w].inflight.retain(|&i| i != id);
+        // Any other copy of it (resent after a stall) is useless now too.
+        for slot in &mut s.slots {
+            slot.inflight.retain(|&(i, _)| i != id);
+        }
+        s.slots[w].last_ack = now;
         drop(s);
         self.changed.notify_all();
     }
@@ -257,7 +379,7 @@ impl Window {
         s.feet = s.feet.split_off(&delivered);
         s.queue = s.queue.split_off(&delivered);
         for slot in &mut s.slots {
-            slot.inflight.retain(|&i| i >= delivered);
+            slot.inflight.retain(|&(i, _)| i >= delivered);
         }
         drop(s);
         self.changed.notify_all();
@@ -267,6 +389,7 @@ impl Window {
     pub fn connected(&self, w: usize) {
         let mut s = self.lock();
         s.slots[w].first_attempt = false;
+        s.slots[w].last_ack = Instant::now();
         if !s.slots[w].connected {
             s.slots[w].connected = true;
             s.connected += 1;
@@ -276,27 +399,41 @@ impl Window {
         self.changed.notify_all();
     }
 
+    /// How worker `w`'s connection can be shut down from outside.
+    pub fn set_closer(&self, w: usize, closer: Closer) {
+        self.lock().slots[w].closer = Some(closer);
+    }
+
     /// Worker `w` lost its connection: its unacknowledged feet are queued
     /// for another. Safe to call more than once.
     pub fn disconnected(&self, w: usize) {
         let mut s = self.lock();
+        if Self::disconnect(&mut s, w) {
+            drop(s);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Marks `w` disconnected and requeues its feet; false if it already was.
+    fn disconnect(s: &mut State, w: usize) -> bool {
         if !s.slots[w].connected {
-            return;
+            return false;
         }
         s.slots[w].connected = false;
+        s.slots[w].closer = None;
         s.connected -= 1;
         if s.connected == 0 {
             s.lost_since = Some(Instant::now());
         }
+        let now = Instant::now();
         let lost = std::mem::take(&mut s.slots[w].inflight);
-        for id in lost {
-            if s.feet.contains_key(&id) {
-                s.queue.insert(id);
+        for (id, _) in lost {
+            if s.feet.contains_key(&id) && !s.slots.iter().any(|o| o.holds(id)) {
+                s.queue.insert(id, now);
                 s.retransmits += 1;
             }
         }
-        drop(s);
-        self.changed.notify_all();
+        true
     }
 
     /// Checks that a connection reached the same receiver process as every
@@ -358,16 +495,58 @@ impl Window {
         self.lock().finished
     }
 
-    /// Waits for the outcome. Gives up when no connection has been alive for
-    /// `reconnect_timeout`.
+    /// The watchdog: closes connections that have stalled (see the module's
+    /// description) and requeues their feet. Returns how many it closed.
+    fn watch(&self, s: &mut State, now: Instant) -> usize {
+        let mut closed = 0;
+        for w in 0..s.slots.len() {
+            let slot = &s.slots[w];
+            let Some(&(_, oldest)) = slot.inflight.first() else {
+                continue;
+            };
+            // Until its first acknowledgement, nothing says how slow this
+            // path is: only a long silence counts.
+            let stall = slot.typical.map_or(STALL_FIRST, |t| (t * 3).max(STALL_MIN));
+            let silent = now.saturating_duration_since(oldest.max(slot.last_ack));
+            if slot.connected && silent > stall {
+                log::info!(
+                    "worker {w}: no acknowledgement for {:.1} s: connection stalled, reconnecting",
+                    silent.as_secs_f64()
+                );
+                if let Some(closer) = &slot.closer {
+                    (closer.0)();
+                }
+                Self::disconnect(s, w);
+                s.stalls += 1;
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Waits for the outcome, running the watchdog meanwhile. Gives up when
+    /// no connection has been alive for `reconnect_timeout`.
     pub fn outcome(&self, reconnect_timeout: Duration) -> Result<u64, Error> {
         let mut s = self.lock();
+        let mut watched = Instant::now();
         loop {
             if let Some(o) = s.outcome.take() {
                 return o;
             }
+            if watched.elapsed() >= WATCH_EVERY {
+                watched = Instant::now();
+                if self.watch(&mut s, watched) > 0 {
+                    self.changed.notify_all();
+                }
+            }
             match s.lost_since {
-                None => s = self.wait(s),
+                None => {
+                    s = self
+                        .changed
+                        .wait_timeout(s, WATCH_EVERY)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
                 Some(since) => {
                     let deadline = since + reconnect_timeout;
                     let now = Instant::now();
@@ -386,7 +565,7 @@ impl Window {
                     }
                     s = self
                         .changed
-                        .wait_timeout(s, deadline - now)
+                        .wait_timeout(s, (deadline - now).min(WATCH_EVERY))
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
                 }
@@ -403,6 +582,7 @@ impl Window {
             queued: s.queue.len(),
             delivered: s.delivered,
             retransmits: s.retransmits,
+            stalls: s.stalls,
             inflight: s.slots.iter().map(|x| x.inflight.len()).collect(),
             connected: s.connected,
         }
@@ -462,13 +642,16 @@ mod tests {
         }
         // Rank 1 must wait while rank 0 has room.
         let s = w.lock();
-        assert!(!w.may_send(&s, 1));
+        assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Wait(Some(_))));
         drop(s);
         assert_eq!(sent(w.next(0)), 0);
         assert_eq!(sent(w.next(1)), 1);
         w.ack(0, 0);
         let s = w.lock();
-        assert!(!w.may_send(&s, 1), "rank 0 has room again");
+        assert!(
+            matches!(w.pick(&s, 1, Instant::now()), Pick::Wait(_)),
+            "rank 0 has room again"
+        );
         drop(s);
         // A dead better rank does not hold back the next one.
         w.disconnected(0);
@@ -477,12 +660,70 @@ mod tests {
     }
 
     #[test]
+    fn a_foot_that_waited_long_enough_spills_to_a_worse_rank() {
+        let w = Window::new(8, 2, &[0, 1]);
+        w.connected(0);
+        w.connected(1);
+        w.admit(foot(0));
+        let s = w.lock();
+        let now = Instant::now();
+        assert!(matches!(w.pick(&s, 1, now), Pick::Wait(Some(_))));
+        // Rank 0 has room by the count, but nobody there took the foot.
+        let later = now + SPILL_PATIENCE + Duration::from_millis(1);
+        assert!(matches!(w.pick(&s, 1, later), Pick::Foot(0)));
+    }
+
+    #[test]
+    fn a_stalled_connection_is_closed_and_its_feet_go_to_the_others() {
+        let w = Window::new(8, 2, &[0, 1]);
+        w.connected(0);
+        w.connected(1);
+        let closed = Arc::new(AtomicU64::new(0));
+        let c = Arc::clone(&closed);
+        w.set_closer(
+            0,
+            Closer::new(move || {
+                c.fetch_add(1, Ordering::Relaxed);
+            }),
+        );
+        for id in 0..3 {
+            w.admit(foot(id));
+        }
+        assert_eq!(sent(w.next(0)), 0);
+        assert_eq!(sent(w.next(0)), 1);
+        let mut s = w.lock();
+        assert_eq!(w.watch(&mut s, Instant::now()), 0, "not stalled yet");
+        // Rank 0 is full, so rank 1 may take the next foot.
+        assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Foot(2)));
+        let later = Instant::now() + STALL_FIRST * 2;
+        assert_eq!(w.watch(&mut s, later), 1);
+        assert_eq!(
+            closed.load(Ordering::Relaxed),
+            1,
+            "its socket was shut down"
+        );
+        drop(s);
+        assert!(matches!(w.next(0), Next::Lost));
+        // Its feet are first in line for the other connection.
+        assert_eq!(sent(w.next(1)), 0);
+        assert_eq!(sent(w.next(1)), 1);
+        let snap = w.snapshot();
+        assert_eq!((snap.stalls, snap.retransmits), (1, 2));
+        // Reconnected, it takes feet again.
+        w.connected(0);
+        assert_eq!(sent(w.next(0)), 2);
+    }
+
+    #[test]
     fn a_better_rank_still_connecting_holds_back_the_next_one() {
         let w = Window::new(8, 1, &[0, 1]);
         w.connected(1);
         w.admit(foot(0));
         let s = w.lock();
-        assert!(!w.may_send(&s, 1), "rank 0 is still on its first attempt");
+        assert!(
+            matches!(w.pick(&s, 1, Instant::now()), Pick::Wait(_)),
+            "rank 0 is still on its first attempt"
+        );
         drop(s);
         w.attempt_failed(0);
         assert_eq!(sent(w.next(1)), 0);

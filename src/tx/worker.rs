@@ -5,7 +5,7 @@
 //! acknowledgement reader feeds what rx says back into the window. Whichever
 //! notices a failure first shuts the socket down, which wakes the other.
 
-use super::window::{Next, Window};
+use super::window::{Closer, Next, Window};
 use crate::config::{Config, Destination};
 use crate::crypto::{self, Opener, Sealer, NONCE_LEN, PROOF_LEN};
 use crate::error::Error;
@@ -22,8 +22,12 @@ use std::time::Duration;
 use zstd::bulk::Compressor;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Short enough that a path coming back (after a stall or an outage) is
+/// found again within a few seconds.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Covers a SYN and one retransmission (Linux resends after 1 s); a path
+/// that answers later is dialed afresh after the backoff.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a worker needs, shared by all workers.
 pub struct Shared<'a> {
@@ -270,8 +274,9 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
         checksums,
     } = opened;
     let window = shared.window;
-    let reader = match stream.try_clone() {
-        Ok(r) => r,
+    let clone = || stream.try_clone();
+    let (reader, closer) = match clone().and_then(|r| Ok((r, clone()?))) {
+        Ok(pair) => pair,
         Err(e) => {
             shared.window.note_error(format!("clone socket: {e}"));
             return;
@@ -293,6 +298,12 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
         });
     let mut squeezed = Vec::new();
     window.connected(w);
+    window.set_closer(
+        w,
+        Closer::new(move || {
+            let _ = closer.shutdown(Shutdown::Both);
+        }),
+    );
     link.set_state(LinkState::Idle);
     std::thread::scope(|scope| {
         let acks = std::thread::Builder::new()
