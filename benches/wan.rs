@@ -211,23 +211,25 @@ pub fn wan() -> String {
     let mut report = validation();
     let lossy = PathSpec::new(200, 50.0, 0.001);
     let mut wan = Wan::new(&[lossy], "cubic", SEED).expect("build the emulated WAN");
-    let big = input(&dir, 256);
-    let small = input(&dir, 24);
+    // Sizes for runs of 20 to 30 s, like iperf3's: the start and the last
+    // feet weigh on a short transfer.
+    let big = input(&dir, 512);
+    let small = input(&dir, 48);
 
     // Scenario 2: 200 Mbit/s, 50 ms, 0.1 % loss, cubic.
     eprintln!("wan: {}, cubic", lossy.describe());
     let mut rows = vec![
         Row {
             tool: "iperf3 -P 16".into(),
-            mbit: iperf3(&wan, 0, 16, 20, &[]),
+            mbit: iperf3(&wan, 0, 16, 25, &[]),
             run: None,
-            note: "20 s".into(),
+            note: "25 s".into(),
         },
         Row {
             tool: "iperf3 (one stream)".into(),
-            mbit: iperf3(&wan, 0, 1, 20, &[]),
+            mbit: iperf3(&wan, 0, 1, 25, &[]),
             run: None,
-            note: "20 s".into(),
+            note: "25 s".into(),
         },
     ];
     let (mbit, run) = transfer_n(&wan, &nc(&wan.addr_b(0)), &small, &dir, rounds());
@@ -235,11 +237,15 @@ pub fn wan() -> String {
         tool: "nc".into(),
         mbit,
         run: Some(run),
-        note: "24 MiB".into(),
+        note: "48 MiB".into(),
     });
     let dest = [wan.addr_b(0)];
     for (name, extra) in [
         ("viamillipede threads 16", "threads 16"),
+        (
+            "viamillipede threads 16 --foot-size 512K",
+            "threads 16 --foot-size 512K",
+        ),
         ("viamillipede threads 16 --cc bbr", "threads 16 --cc bbr"),
     ] {
         let tool = viamillipede(name, &dest, extra, None);
@@ -248,7 +254,7 @@ pub fn wan() -> String {
             tool: name.into(),
             mbit,
             run: Some(run),
-            note: "256 MiB".into(),
+            note: "512 MiB".into(),
         });
     }
     report.push_str(&table(

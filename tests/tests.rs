@@ -161,6 +161,31 @@ fn connections_reset_mid_stream_lose_nothing() {
 }
 
 #[test]
+fn a_connection_gone_silent_is_closed_and_its_feet_sent_elsewhere() {
+    // The first connection stops delivering after 7 MiB but stays open and
+    // its TCP keeps acknowledging: nothing below the application notices.
+    // Without tx's watchdog its feet would hold the window forever.
+    let (mut r, port) = rx(&[]);
+    let proxy = FaultProxy::with(port, |n| Fault {
+        stall_after: (n == 0).then_some(7 << 20),
+        ..Fault::default()
+    });
+    let input = Arc::new(data(40 << 20, 23));
+    let pp = proxy.port.to_string();
+    let mut t = tx(
+        &["tx", "127.0.0.1", &pp, "threads", "2", "verbose", "1"],
+        Arc::clone(&input),
+    );
+    expect_delivered(&mut t, &mut r, &input, "with a silent connection");
+    assert_eq!(proxy.stalls.load(Ordering::Relaxed), 1);
+    let err = t.stderr();
+    assert!(
+        err.contains("connection stalled") && err.contains("1 stalled connections closed"),
+        "the watchdog did not close the silent connection:\n{err}"
+    );
+}
+
+#[test]
 fn an_unreachable_first_destination_is_skipped() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = closed.local_addr().unwrap().port().to_string();

@@ -341,6 +341,10 @@ pub struct Fault {
     /// Apply to what the server sends back instead (reverse mode, where the
     /// data flows from the server to the client).
     pub replies: bool,
+    /// Once this many bytes have been forwarded, forward nothing more but
+    /// keep the connection open, swallowing what arrives: a path gone dark
+    /// whose TCP still acknowledges, so only the application can notice.
+    pub stall_after: Option<u64>,
 }
 
 /// A TCP proxy that injects faults into the connections through it, and
@@ -349,6 +353,7 @@ pub struct FaultProxy {
     pub port: u16,
     pub resets: Arc<AtomicU64>,
     pub flips: Arc<AtomicU64>,
+    pub stalls: Arc<AtomicU64>,
     recorded: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
 }
@@ -377,12 +382,14 @@ impl FaultProxy {
             port,
             resets: Arc::default(),
             flips: Arc::default(),
+            stalls: Arc::default(),
             recorded: Arc::default(),
             stop: Arc::default(),
         };
-        let (resets, flips, recorded, stop) = (
+        let (resets, flips, stalls, recorded, stop) = (
             Arc::clone(&proxy.resets),
             Arc::clone(&proxy.flips),
+            Arc::clone(&proxy.stalls),
             Arc::clone(&proxy.recorded),
             Arc::clone(&proxy.stop),
         );
@@ -396,7 +403,7 @@ impl FaultProxy {
                     continue;
                 };
                 let fault = plan(n as u64);
-                let counters = (Arc::clone(&resets), Arc::clone(&flips));
+                let counters = (Arc::clone(&resets), Arc::clone(&flips), Arc::clone(&stalls));
                 let record = (n == 0).then(|| Arc::clone(&recorded));
                 std::thread::spawn(move || pump(client, server, fault, counters, record));
             }
@@ -426,7 +433,7 @@ fn pump(
     client: TcpStream,
     server: TcpStream,
     fault: Fault,
-    counters: (Arc<AtomicU64>, Arc<AtomicU64>),
+    counters: Counters,
     record: Option<Arc<Mutex<Vec<u8>>>>,
 ) {
     let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -443,12 +450,15 @@ fn pump(
     let _ = back.join();
 }
 
+/// Resets, flips and stalls done.
+type Counters = (Arc<AtomicU64>, Arc<AtomicU64>, Arc<AtomicU64>);
+
 /// Copies `from` to `to`, injecting `fault`.
 fn forward(
     mut from: TcpStream,
     mut to: TcpStream,
     fault: Fault,
-    (resets, flips): (Arc<AtomicU64>, Arc<AtomicU64>),
+    (resets, flips, stalls): Counters,
     record: Option<Arc<Mutex<Vec<u8>>>>,
 ) {
     let mut buf = vec![0u8; 64 << 10];
@@ -480,6 +490,15 @@ fn forward(
             resets.fetch_add(1, Ordering::Relaxed);
             reset(&from);
             reset(&to);
+            break;
+        }
+        if let Some(l) = fault.stall_after.filter(|&l| sent + n as u64 >= l) {
+            let cut = (l - sent) as usize;
+            let _ = to.write_all(&buf[..cut]);
+            stalls.fetch_add(1, Ordering::Relaxed);
+            // Swallow everything until the sender gives up on us.
+            while matches!(from.read(&mut buf), Ok(n) if n > 0) {}
+            let _ = to.shutdown(Shutdown::Write);
             break;
         }
         if to.write_all(&buf[..n]).is_err() {
