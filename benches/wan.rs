@@ -382,6 +382,15 @@ fn sample(wan: &Wan, stop: &AtomicBool) -> Vec<Vec<u64>> {
     rows
 }
 
+/// Runs `f`, with what crossed each path a → b meanwhile.
+fn counted<T>(wan: &Wan, f: impl FnOnce() -> T) -> (T, Vec<Count>) {
+    let before = wan.forward_counts();
+    let out = f();
+    let after = wan.forward_counts();
+    let delta = after.iter().zip(&before).map(|(a, b)| a.since(b)).collect();
+    (out, delta)
+}
+
 fn share(counts: &[Count], i: usize) -> f64 {
     let total: u64 = counts.iter().map(|c| c.bytes).sum();
     counts[i].bytes as f64 / total.max(1) as f64
@@ -423,14 +432,7 @@ pub fn multipath() -> String {
     }];
     let inp = input(&dir, 384);
     let tool = viamillipede("viamillipede threads 4", &dests, "threads 4", None);
-    let before = wan.forward_counts();
-    let (mbit, run) = transfer_n(&wan, &tool, &inp, &dir, rounds());
-    let after: Vec<Count> = wan
-        .forward_counts()
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a.since(b))
-        .collect();
+    let ((mbit, run), after) = counted(&wan, || transfer_n(&wan, &tool, &inp, &dir, rounds()));
     let clean_wall = run.wall;
     rows.push(Row {
         tool: tool.name.clone(),
@@ -458,14 +460,7 @@ pub fn multipath() -> String {
         "threads 4",
         Some("pv -q -L 7500000"),
     );
-    let before = wan.forward_counts();
-    let (mbit, run) = transfer_n(&wan, &tool, &small, &dir, 1);
-    let after: Vec<Count> = wan
-        .forward_counts()
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a.since(b))
-        .collect();
+    let ((mbit, run), after) = counted(&wan, || transfer_n(&wan, &tool, &small, &dir, 1));
     let first = share(&after, 0);
     let rows = vec![Row {
         tool: tool.name.clone(),
