@@ -210,7 +210,7 @@ pub fn wan() -> String {
     let dir = crate::bench_dir();
     let mut report = validation();
     let lossy = PathSpec::new(200, 50.0, 0.001);
-    let mut wan = Wan::new(&[lossy], "cubic", SEED).expect("build the emulated WAN");
+    let wan = Wan::new(&[lossy], "cubic", SEED).expect("build the emulated WAN");
     // Sizes for runs of 20 to 30 s, like iperf3's: the start and the last
     // feet weigh on a short transfer.
     let big = input(&dir, 512);
@@ -299,8 +299,6 @@ pub fn wan() -> String {
             "viamillipede >= 0.95 x nc",
         ));
     }
-    wan.set_cc("cubic").expect("cc");
-    drop(wan);
     report
 }
 
@@ -572,14 +570,6 @@ fn outage_times(
     (moved, returned)
 }
 
-/// Runs a command in a namespace and returns its output (for ss -ti when
-/// investigating).
-#[allow(dead_code)]
-pub fn ss(ns: &str) -> String {
-    let out = Wan::exec(ns, "ss").args(["-tin"]).output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default()
-}
 
 /// `cargo bench --bench transfer -- shell [MBIT/RTT_MS/LOSS_PERCENT]... [cc=NAME]`:
 /// builds the emulated WAN (one path per spec; default one 200/50/0.1

@@ -20,12 +20,14 @@
 //! later. A watchdog (`watch`, run by the thread waiting for the outcome)
 //! declares a connection lost when it has had feet in flight and no
 //! acknowledgement for three of its typical foot times (at least a second;
-//! ten before its first acknowledgement): its
-//! socket is shut down, its feet go to the others at once, and its worker
-//! dials again, which succeeds within a few seconds of the path's return.
+//! ten before its first acknowledgement): its socket is shut down, its feet
+//! go to the others at once, and its worker dials again, which succeeds
+//! within a few seconds of the path's return.
 //!
 //! One mutex and one condition variable: every change wakes the waiters,
-//! which re-check their condition; there is no polling.
+//! which re-check their condition. The only timers are the watchdog's round
+//! every 100 ms, and workers waiting for the start's grace or a foot's
+//! patience to run out.
 
 use crate::error::Error;
 use crate::pool::Buffer;
@@ -118,10 +120,6 @@ impl std::fmt::Debug for Closer {
 }
 
 impl Slot {
-    fn holds(&self, id: u64) -> bool {
-        self.inflight.iter().any(|&(i, _)| i == id)
-    }
-
     fn has_room(&self, inflight: usize) -> bool {
         self.connected && self.inflight.len() < inflight
     }
@@ -146,8 +144,6 @@ struct State {
     cancelled: Option<String>,
     /// One more than the highest foot id admitted.
     admitted: u64,
-    /// The end foot has been admitted: the input is all read.
-    input_done: bool,
     /// Connections the watchdog found stalled.
     stalls: u64,
 }
@@ -220,7 +216,6 @@ impl Window {
                 receiver: None,
                 cancelled: None,
                 admitted: 0,
-                input_done: false,
                 stalls: 0,
             }),
             changed: Condvar::new(),
@@ -263,7 +258,6 @@ impl Window {
         }
         s.queue.insert(foot.id, Instant::now());
         s.admitted = s.admitted.max(foot.id + 1);
-        s.input_done |= foot.end;
         s.feet.insert(foot.id, Arc::new(foot));
         drop(s);
         self.changed.notify_all();
@@ -305,10 +299,11 @@ impl Window {
     }
 
     /// The scheduling rule: which queued foot worker `w` may send now, if
-    /// any. It needs room, and a foot it does not already carry. A connection of a better rank that has room, or may have soon
-    /// (its first attempt to connect, for a moment after the start), goes
-    /// first, unless the foot has waited longer than `SPILL_PATIENCE`:
-    /// then the better ranks are saturated, whatever their counts say.
+    /// any. It needs room. A connection of a better rank that has room, or
+    /// may have soon (its first attempt to connect, for a moment after the
+    /// start), goes first, unless the foot has waited longer than
+    /// `SPILL_PATIENCE`: then the better ranks are saturated, whatever their
+    /// counts say.
     fn pick(&self, s: &State, w: usize, now: Instant) -> Pick {
         let me = &s.slots[w];
         if s.queue.is_empty() || !me.has_room(self.inflight) {
@@ -318,18 +313,21 @@ impl Window {
         let better_first = s.slots.iter().any(|o| {
             o.rank < me.rank && (o.has_room(self.inflight) || (o.first_attempt && in_grace))
         });
-        let mut wake: Option<Instant> = in_grace.then_some(self.grace_until);
-        for (&id, &since) in &s.queue {
-            if me.holds(id) {
-                continue;
-            }
-            let patient_until = since + SPILL_PATIENCE;
-            if !better_first || now >= patient_until {
-                return Pick::Foot(id);
-            }
-            wake = Some(wake.map_or(patient_until, |t| t.min(patient_until)));
+        if !better_first {
+            return Pick::Foot(*s.queue.keys().next().expect("queue checked non-empty"));
         }
-        Pick::Wait(if better_first { wake } else { None })
+        // The lowest foot that has waited long enough; or wake up when the
+        // first one will have (or when the start's grace ends).
+        if let Some((&id, _)) = s
+            .queue
+            .iter()
+            .find(|(_, &since)| now >= since + SPILL_PATIENCE)
+        {
+            return Pick::Foot(id);
+        }
+        let patience = s.queue.values().min().map(|&since| since + SPILL_PATIENCE);
+        let grace = in_grace.then_some(self.grace_until);
+        Pick::Wait(patience.into_iter().chain(grace).min())
     }
 
     /// No slot is on a first connection attempt (when the receiver dials).
@@ -357,13 +355,10 @@ impl Window {
                 None => sample,
             });
         }
+        slot.inflight.retain(|&(i, _)| i != id);
+        slot.last_ack = now;
         s.feet.remove(&id);
         s.queue.remove(&id);
-        // Any other copy of it (resent after a stall) is useless now too.
-        for slot in &mut s.slots {
-            slot.inflight.retain(|&(i, _)| i != id);
-        }
-        s.slots[w].last_ack = now;
         drop(s);
         self.changed.notify_all();
     }
@@ -428,7 +423,7 @@ impl Window {
         let now = Instant::now();
         let lost = std::mem::take(&mut s.slots[w].inflight);
         for (id, _) in lost {
-            if s.feet.contains_key(&id) && !s.slots.iter().any(|o| o.holds(id)) {
+            if s.feet.contains_key(&id) {
                 s.queue.insert(id, now);
                 s.retransmits += 1;
             }
