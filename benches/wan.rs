@@ -570,7 +570,6 @@ fn outage_times(
     (moved, returned)
 }
 
-
 /// `cargo bench --bench transfer -- shell [MBIT/RTT_MS/LOSS_PERCENT]... [cc=NAME]`:
 /// builds the emulated WAN (one path per spec; default one 200/50/0.1
 /// path) and keeps it until stdin closes, for experiments by hand with
