@@ -53,7 +53,7 @@ const STALL_FIRST: Duration = Duration::from_secs(10);
 const SPILL_PATIENCE: Duration = Duration::from_millis(500);
 
 /// How often the watchdog looks for stalled feet.
-pub const WATCH_EVERY: Duration = Duration::from_millis(100);
+const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// A numbered slice of the input.
 #[derive(Debug, PartialEq, Eq)]
