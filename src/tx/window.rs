@@ -9,6 +9,12 @@
 //! or the foot has waited for one long enough to show they are saturated
 //! (a connection in the middle of writing a foot has room by the count,
 //! yet cannot take one).
+//! At the end of the input the rule turns around: a connection leaves the
+//! queued feet to connections at least twice as fast when those would carry
+//! all of them before it could carry one (each connection's pace is its own
+//! smoothed time from hand-out to acknowledgement). Otherwise the last feet
+//! of a transfer over a fast and a slow path would crawl over the slow one
+//! while the fast one sat idle.
 //! Flow control: the reader may not run more than `window` feet ahead of what
 //! rx has written, which bounds memory on both sides. When a connection is
 //! lost, its unacknowledged feet go back to the queue at once, lowest id
@@ -146,6 +152,8 @@ struct State {
     admitted: u64,
     /// Connections the watchdog found stalled.
     stalls: u64,
+    /// The last foot has been admitted: what is queued is all there is.
+    input_done: bool,
 }
 
 /// A snapshot for the stats report.
@@ -217,6 +225,7 @@ impl Window {
                 cancelled: None,
                 admitted: 0,
                 stalls: 0,
+                input_done: false,
             }),
             changed: Condvar::new(),
             window: u64::from(window),
@@ -258,6 +267,7 @@ impl Window {
         }
         s.queue.insert(foot.id, Instant::now());
         s.admitted = s.admitted.max(foot.id + 1);
+        s.input_done |= foot.end;
         s.feet.insert(foot.id, Arc::new(foot));
         drop(s);
         self.changed.notify_all();
@@ -309,6 +319,9 @@ impl Window {
         if s.queue.is_empty() || !me.has_room(self.inflight) {
             return Pick::Wait(None);
         }
+        if s.input_done && self.faster_finish_first(s, w) {
+            return Pick::Wait(None);
+        }
         let in_grace = now < self.grace_until;
         let better_first = s.slots.iter().any(|o| {
             o.rank < me.rank && (o.has_room(self.inflight) || (o.first_attempt && in_grace))
@@ -328,6 +341,31 @@ impl Window {
         let patience = s.queue.values().min().map(|&since| since + SPILL_PATIENCE);
         let grace = in_grace.then_some(self.grace_until);
         Pick::Wait(patience.into_iter().chain(grace).min())
+    }
+
+    /// At the end of the input: whether the connections markedly faster
+    /// than `w` would carry every queued foot before `w` could carry one.
+    /// Then `w` leaves them the rest; a foot given to a slow path at the end
+    /// would be the last to arrive, and the whole transfer would wait for it.
+    fn faster_finish_first(&self, s: &State, w: usize) -> bool {
+        let me = &s.slots[w];
+        let Some(typical) = me.typical else {
+            return false;
+        };
+        // `typical` spans `inflight` feet sent back to back.
+        let cap = self.inflight as f64;
+        let mine = typical.as_secs_f64() * (me.inflight.len() + 1) as f64 / cap;
+        let (mut rate, mut feet) = (0.0, s.queue.len());
+        for (j, o) in s.slots.iter().enumerate() {
+            match o.typical {
+                Some(t) if j != w && o.connected && t * 2 < typical => {
+                    rate += cap / t.as_secs_f64();
+                    feet += o.inflight.len();
+                }
+                _ => {}
+            }
+        }
+        rate > 0.0 && feet as f64 / rate < mine
     }
 
     /// No slot is on a first connection attempt (when the receiver dials).
@@ -652,6 +690,52 @@ mod tests {
         w.disconnected(0);
         w.ack(1, 1);
         assert_eq!(sent(w.next(1)), 2);
+    }
+
+    #[test]
+    fn at_the_end_a_slow_connection_leaves_the_last_feet_to_faster_ones() {
+        let admit = |w: &Window, ids: std::ops::Range<u64>, last: Option<u64>| {
+            for id in ids {
+                w.admit(Foot {
+                    end: Some(id) == last,
+                    ..foot(id)
+                });
+            }
+        };
+        let w = Window::new(64, 2, &[0, 0]);
+        w.connected(0);
+        w.connected(1);
+        {
+            let mut s = w.lock();
+            s.slots[0].typical = Some(Duration::from_millis(100));
+            s.slots[1].typical = Some(Duration::from_secs(2));
+        }
+        // More input may come: the slow connection takes its share.
+        admit(&w, 0..3, None);
+        assert_eq!(sent(w.next(1)), 0);
+        // The rest is known; the fast one carries 20 feet a second, and
+        // would be done with these long before the slow one with one more.
+        admit(&w, 3..4, Some(3));
+        let s = w.lock();
+        assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Wait(None)));
+        assert!(matches!(w.pick(&s, 0, Instant::now()), Pick::Foot(1)));
+        drop(s);
+
+        // With 40 feet left, the fast one needs two seconds: both carry.
+        let w = Window::new(64, 2, &[0, 0]);
+        w.connected(0);
+        w.connected(1);
+        {
+            let mut s = w.lock();
+            s.slots[0].typical = Some(Duration::from_millis(100));
+            s.slots[1].typical = Some(Duration::from_secs(2));
+        }
+        admit(&w, 0..40, Some(39));
+        assert_eq!(sent(w.next(1)), 0);
+        // A connection not markedly faster does not count.
+        w.lock().slots[0].typical = Some(Duration::from_millis(1500));
+        let s = w.lock();
+        assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Foot(1)));
     }
 
     #[test]
