@@ -122,6 +122,16 @@ struct Path {
     backward: Counters,
 }
 
+impl Path {
+    fn counters(&self, forward: bool) -> &Counters {
+        if forward {
+            &self.forward
+        } else {
+            &self.backward
+        }
+    }
+}
+
 /// The emulated WAN; dropping it tears everything down.
 pub struct Wan {
     /// Namespace names: the sender's side and the receiver's side.
@@ -391,11 +401,7 @@ fn carry_in(
     stop: &AtomicBool,
     out: &crossbeam_channel::Sender<(Instant, Vec<u8>)>,
 ) {
-    let counters = if forward {
-        &path.forward
-    } else {
-        &path.backward
-    };
+    let counters = path.counters(forward);
     let mut rng = Rng(seed);
     let mut link = Link {
         busy_until: Instant::now(),
@@ -444,11 +450,7 @@ fn carry_out(
     stop: &AtomicBool,
     input: &crossbeam_channel::Receiver<(Instant, Vec<u8>)>,
 ) {
-    let counters = if forward {
-        &path.forward
-    } else {
-        &path.backward
-    };
+    let counters = path.counters(forward);
     // Close enough: waking up costs about this much anyway.
     const SLACK: Duration = Duration::from_micros(100);
     let mut pending: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();

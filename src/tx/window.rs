@@ -692,47 +692,48 @@ mod tests {
         assert_eq!(sent(w.next(1)), 2);
     }
 
-    #[test]
-    fn at_the_end_a_slow_connection_leaves_the_last_feet_to_faster_ones() {
-        let admit = |w: &Window, ids: std::ops::Range<u64>, last: Option<u64>| {
-            for id in ids {
-                w.admit(Foot {
-                    end: Some(id) == last,
-                    ..foot(id)
-                });
-            }
-        };
+    /// Two connected workers of one rank, taking 100 ms and 2 s per foot.
+    fn fast_and_slow() -> Window {
         let w = Window::new(64, 2, &[0, 0]);
         w.connected(0);
         w.connected(1);
-        {
-            let mut s = w.lock();
-            s.slots[0].typical = Some(Duration::from_millis(100));
-            s.slots[1].typical = Some(Duration::from_secs(2));
+        let mut s = w.lock();
+        s.slots[0].typical = Some(Duration::from_millis(100));
+        s.slots[1].typical = Some(Duration::from_secs(2));
+        drop(s);
+        w
+    }
+
+    fn admit_all(w: &Window, ids: std::ops::Range<u64>, last: Option<u64>) {
+        for id in ids {
+            w.admit(Foot {
+                end: Some(id) == last,
+                ..foot(id)
+            });
         }
+    }
+
+    #[test]
+    fn at_the_end_a_slow_connection_leaves_the_last_feet_to_faster_ones() {
+        let w = fast_and_slow();
         // More input may come: the slow connection takes its share.
-        admit(&w, 0..3, None);
+        admit_all(&w, 0..3, None);
         assert_eq!(sent(w.next(1)), 0);
         // The rest is known; the fast one carries 20 feet a second, and
         // would be done with these long before the slow one with one more.
-        admit(&w, 3..4, Some(3));
+        admit_all(&w, 3..4, Some(3));
         let s = w.lock();
         assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Wait(None)));
         assert!(matches!(w.pick(&s, 0, Instant::now()), Pick::Foot(1)));
-        drop(s);
+    }
 
-        // With 40 feet left, the fast one needs two seconds: both carry.
-        let w = Window::new(64, 2, &[0, 0]);
-        w.connected(0);
-        w.connected(1);
-        {
-            let mut s = w.lock();
-            s.slots[0].typical = Some(Duration::from_millis(100));
-            s.slots[1].typical = Some(Duration::from_secs(2));
-        }
-        admit(&w, 0..40, Some(39));
+    #[test]
+    fn at_the_end_a_slow_connection_still_carries_what_the_fast_cannot() {
+        let w = fast_and_slow();
+        // 40 feet take the fast one two seconds: both carry.
+        admit_all(&w, 0..40, Some(39));
         assert_eq!(sent(w.next(1)), 0);
-        // A connection not markedly faster does not count.
+        // A connection not markedly faster does not count either.
         w.lock().slots[0].typical = Some(Duration::from_millis(1500));
         let s = w.lock();
         assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Foot(1)));
