@@ -14,6 +14,7 @@
 use crossbeam_channel::{Receiver, Sender};
 use std::io::{self, Read};
 use std::ops::Deref;
+use std::sync::Arc;
 
 /// A bounded stock of buffers of one capacity.
 #[derive(Clone, Debug)]
@@ -174,6 +175,64 @@ impl Drop for Buffer {
     }
 }
 
+/// A read-only view of part of a [`Buffer`], cheap to clone and to cut:
+/// pieces cut from one buffer share its memory, which goes back to the pool
+/// with the last of them.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    buf: Arc<Buffer>,
+    start: usize,
+    end: usize,
+}
+
+impl Shared {
+    /// Cuts off the first `n` bytes (at most all of them) as a view of
+    /// their own; `self` keeps the rest.
+    pub fn split_to(&mut self, n: usize) -> Shared {
+        let at = self.start + n.min(self.len());
+        let head = Shared {
+            buf: Arc::clone(&self.buf),
+            start: self.start,
+            end: at,
+        };
+        self.start = at;
+        head
+    }
+}
+
+impl From<Buffer> for Shared {
+    fn from(buf: Buffer) -> Shared {
+        let end = buf.len();
+        Shared {
+            buf: Arc::new(buf),
+            start: 0,
+            end,
+        }
+    }
+}
+
+impl From<Vec<u8>> for Shared {
+    /// A view of bytes that belong to no pool.
+    fn from(data: Vec<u8>) -> Shared {
+        Buffer::from(data).into()
+    }
+}
+
+impl Deref for Shared {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
+impl PartialEq for Shared {
+    fn eq(&self, other: &Shared) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Shared {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +278,21 @@ mod tests {
         let e = b.read_exact_from(&mut &b"ab"[..], 3).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn cut_views_share_the_buffer_until_the_last_goes() {
+        let pool = Pool::new(1, 8);
+        let mut b = pool.take();
+        b.read_exact_from(&mut &b"abcdef"[..], 6).unwrap();
+        let mut rest = Shared::from(b);
+        let head = rest.split_to(2);
+        assert_eq!((&*head, &*rest), (&b"ab"[..], &b"cdef"[..]));
+        assert_eq!(&*rest.split_to(10), b"cdef");
+        assert!(rest.is_empty());
+        drop(rest);
+        assert_eq!(pool.get.len(), 0, "a view is still held");
+        drop(head);
+        assert_eq!(pool.get.len(), 1);
     }
 }

@@ -374,7 +374,12 @@ fn ingest(
             let due = start + Duration::from_secs_f64(total as f64 / rate as f64);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
-        if !window.admit(Foot { id, data, end }) || end {
+        if !window.admit(Foot {
+            id,
+            data: data.into(),
+            end,
+        }) || end
+        {
             return;
         }
     }

@@ -15,6 +15,12 @@
 //! smoothed time from hand-out to acknowledgement). Otherwise the last feet
 //! of a transfer over a fast and a slow path would crawl over the slow one
 //! while the fast one sat idle.
+//! The end of the input also changes what is handed out: the feet not yet
+//! sent are cut into pieces, renumbered from the first of them, each the
+//! asking connection's share of what is left. The pieces shrink as the end
+//! nears, so the connections finish together; whole 2 MiB feet would leave
+//! the transfer waiting for the last of them to crawl over one loss-limited
+//! connection while the others sat idle.
 //! Flow control: the reader may not run more than `window` feet ahead of what
 //! rx has written, which bounds memory on both sides. When a connection is
 //! lost, its unacknowledged feet go back to the queue at once, lowest id
@@ -36,8 +42,8 @@
 //! patience to run out.
 
 use crate::error::Error;
-use crate::pool::Buffer;
-use std::collections::BTreeMap;
+use crate::pool::Shared;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -61,13 +67,18 @@ const SPILL_PATIENCE: Duration = Duration::from_millis(500);
 /// How often the watchdog looks for stalled feet.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 
+/// The smallest piece the tail of the input is cut into: small enough that
+/// the last pieces cross a loss-limited connection in a fraction of a second,
+/// large enough that a piece still fills a fast one between acknowledgements.
+const MIN_PIECE: usize = 256 << 10;
+
 /// A numbered slice of the input.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Foot {
     /// Sequence number, from 0.
     pub id: u64,
     /// The payload.
-    pub data: Buffer,
+    pub data: Shared,
     /// Whether it ends the stream.
     pub end: bool,
 }
@@ -154,6 +165,14 @@ struct State {
     stalls: u64,
     /// The last foot has been admitted: what is queued is all there is.
     input_done: bool,
+    /// One more than the highest foot id handed to a connection; no foot
+    /// from here on has been sent.
+    sent_below: u64,
+    /// Once the input has ended: the feet never sent, each with when it was
+    /// queued, to be cut into pieces numbered from `admitted`.
+    tail: VecDeque<(Shared, Instant)>,
+    /// Payload bytes in `tail`.
+    tail_bytes: usize,
 }
 
 /// A snapshot for the stats report.
@@ -226,6 +245,9 @@ impl Window {
                 admitted: 0,
                 stalls: 0,
                 input_done: false,
+                sent_below: 0,
+                tail: VecDeque::new(),
+                tail_bytes: 0,
             }),
             changed: Condvar::new(),
             window: u64::from(window),
@@ -268,7 +290,11 @@ impl Window {
         s.queue.insert(foot.id, Instant::now());
         s.admitted = s.admitted.max(foot.id + 1);
         s.input_done |= foot.end;
+        let end = foot.end;
         s.feet.insert(foot.id, Arc::new(foot));
+        if end {
+            Self::open_tail(&mut s);
+        }
         drop(s);
         self.changed.notify_all();
         true
@@ -286,14 +312,20 @@ impl Window {
                 return Next::Lost;
             }
             let now = Instant::now();
+            let cut = s.slots[w].has_room(self.inflight) && self.cut(&mut s);
             let wake = match self.pick(&s, w, now) {
                 Pick::Foot(id) => {
                     s.queue.remove(&id);
                     s.slots[w].inflight.push((id, now));
+                    s.sent_below = s.sent_below.max(id + 1);
                     return Next::Send(Arc::clone(&s.feet[&id]));
                 }
                 Pick::Wait(wake) => wake,
             };
+            if cut {
+                // The piece is for another connection.
+                self.changed.notify_all();
+            }
             // The grace for first attempts, and a queued foot's patience,
             // end by themselves: wake up for them.
             s = match wake {
@@ -343,6 +375,59 @@ impl Window {
         Pick::Wait(patience.into_iter().chain(grace).min())
     }
 
+    /// At the end of the input, takes the feet never sent out of the queue
+    /// again: they are handed out in pieces instead (see `cut`), renumbered
+    /// from the first of them. Nothing with those ids has left, so the
+    /// receiver never sees one id carry two different payloads.
+    fn open_tail(s: &mut State) {
+        for id in s.sent_below..s.admitted {
+            let foot = s.feet.remove(&id).expect("a foot never sent is held");
+            let since = s.queue.remove(&id).expect("a foot never sent is queued");
+            s.tail_bytes += foot.data.len();
+            s.tail.push_back((foot.data.clone(), since));
+        }
+        s.admitted = s.sent_below;
+    }
+
+    /// Cuts the next piece off the tail of the input into the queue, when
+    /// the queue is empty and the window has room for one more id. A piece
+    /// is the asking connection's share of what is left (each connection
+    /// keeps `inflight` pieces), at least `MIN_PIECE` and at most what is
+    /// left of one foot: the pieces shrink as the end nears, so connections
+    /// finish together instead of waiting for the last whole foot to crawl
+    /// over one loss-limited connection. Returns whether it cut one.
+    fn cut(&self, s: &mut State) -> bool {
+        if !s.queue.is_empty() || s.tail.is_empty() || s.admitted >= s.delivered + self.window {
+            return false;
+        }
+        let share = (s.tail_bytes / (self.inflight * s.connected.max(1))).max(MIN_PIECE);
+        let (front, since) = s.tail.front_mut().expect("tail checked non-empty");
+        let since = *since;
+        let piece = if front.len() < share + MIN_PIECE {
+            s.tail.pop_front().expect("tail checked non-empty").0
+        } else {
+            front.split_to(share)
+        };
+        s.tail_bytes -= piece.len();
+        // The end foot may be empty: it goes with the piece before it.
+        while s.tail.front().is_some_and(|(p, _)| p.is_empty()) {
+            s.tail.pop_front();
+        }
+        let id = s.admitted;
+        s.admitted += 1;
+        let end = s.tail.is_empty();
+        s.feet.insert(
+            id,
+            Arc::new(Foot {
+                id,
+                data: piece,
+                end,
+            }),
+        );
+        s.queue.insert(id, since);
+        true
+    }
+
     /// At the end of the input: whether the connections markedly faster
     /// than `w` would carry every queued foot before `w` could carry one.
     /// Then `w` leaves them the rest; a foot given to a slow path at the end
@@ -355,7 +440,8 @@ impl Window {
         // `typical` spans `inflight` feet sent back to back.
         let cap = self.inflight as f64;
         let mine = typical.as_secs_f64() * (me.inflight.len() + 1) as f64 / cap;
-        let (mut rate, mut feet) = (0.0, s.queue.len());
+        // What is left of the tail counts in whole feet, as it was read.
+        let (mut rate, mut feet) = (0.0, s.queue.len() + s.tail.len());
         for (j, o) in s.slots.iter().enumerate() {
             match o.typical {
                 Some(t) if j != w && o.connected && t * 2 < typical => {
@@ -612,7 +698,7 @@ impl Window {
         Snapshot {
             ahead: s.admitted.saturating_sub(s.delivered),
             held: s.feet.len(),
-            queued: s.queue.len(),
+            queued: s.queue.len() + s.tail.len(),
             delivered: s.delivered,
             retransmits: s.retransmits,
             stalls: s.stalls,
@@ -722,7 +808,8 @@ mod tests {
         // The rest is known; the fast one carries 20 feet a second, and
         // would be done with these long before the slow one with one more.
         admit_all(&w, 3..4, Some(3));
-        let s = w.lock();
+        let mut s = w.lock();
+        assert!(w.cut(&mut s));
         assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Wait(None)));
         assert!(matches!(w.pick(&s, 0, Instant::now()), Pick::Foot(1)));
     }
@@ -735,8 +822,80 @@ mod tests {
         assert_eq!(sent(w.next(1)), 0);
         // A connection not markedly faster does not count either.
         w.lock().slots[0].typical = Some(Duration::from_millis(1500));
-        let s = w.lock();
+        let mut s = w.lock();
+        assert!(w.cut(&mut s));
         assert!(matches!(w.pick(&s, 1, Instant::now()), Pick::Foot(1)));
+    }
+
+    /// Foot `id` of `len` bytes, each telling where it stands in the input.
+    fn numbered(id: u64, len: usize, end: bool) -> Foot {
+        let at = id as usize * (2 << 20);
+        let data: Vec<u8> = (at..at + len).map(|i| (i % 251) as u8).collect();
+        Foot {
+            id,
+            data: data.into(),
+            end,
+        }
+    }
+
+    #[test]
+    fn the_tail_of_the_input_goes_in_shrinking_pieces_and_ends_once() {
+        let foot = 2 << 20;
+        let w = Window::new(64, 2, &[0]);
+        w.connected(0);
+        w.admit(numbered(0, foot, false));
+        w.admit(numbered(1, foot, false));
+        assert_eq!(sent(w.next(0)), 0);
+        for id in 2..7 {
+            w.admit(numbered(id, foot, false));
+        }
+        w.admit(numbered(7, foot / 2, true));
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let Next::Send(f) = w.next(0) else {
+                panic!("the stream ended without its end foot");
+            };
+            assert_eq!(f.id, sizes.len() as u64 + 1, "ids run on without a gap");
+            got.extend_from_slice(&f.data);
+            sizes.push(f.data.len());
+            w.ack(0, f.id);
+            w.advance(f.id + 1);
+            if f.end {
+                break;
+            }
+        }
+        // Foot 1, queued before the end was known, was cut like the rest.
+        let want: Vec<u8> = (foot..7 * foot + foot / 2)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        assert!(got == want, "the pieces put together are the input");
+        assert!(sizes.windows(2).all(|p| p[1] <= p[0]), "{sizes:?}");
+        assert_eq!(sizes[0], foot, "far from the end, pieces are whole feet");
+        assert_eq!(sizes[sizes.len() - 2..], [MIN_PIECE; 2], "{sizes:?}");
+        assert!(sizes.len() > 8);
+    }
+
+    #[test]
+    fn the_tail_waits_for_room_in_the_window_and_keeps_sent_ids() {
+        let w = Window::new(4, 4, &[0]);
+        w.connected(0);
+        for id in 0..3 {
+            w.admit(numbered(id, 2 << 20, id == 2));
+        }
+        // Foot 0 left before the end was known; 1 and 2 are cut anew.
+        assert_eq!(sent(w.next(0)), 0);
+        assert_eq!(sent(w.next(0)), 1);
+        assert_eq!(sent(w.next(0)), 2);
+        assert_eq!(sent(w.next(0)), 3);
+        let mut s = w.lock();
+        assert!(!w.cut(&mut s), "ids 0 to 3 fill a window of four");
+        drop(s);
+        w.ack(0, 0);
+        w.advance(1);
+        let mut s = w.lock();
+        assert!(w.cut(&mut s));
+        assert!(s.feet.contains_key(&4));
     }
 
     #[test]
