@@ -3,13 +3,14 @@
 //!
 //! `cargo bench --bench transfer -- loopback` moves 1 GiB of random data
 //! over loopback with nc, mbuffer, socat and viamillipede (threads 1, 4, 16),
-//! interleaving the tools round by round and reporting medians. Every
+//! interleaving the tools round by round (in an order rotated each round)
+//! and reporting medians. Every
 //! transfer is checked byte-exact (sha256) outside the timed region. CPU
 //! time and peak RSS come from GNU time around each process. Receivers write
 //! to /dev/shm where it exists, so disk writeback does not add noise. The
 //! table is printed and written to `target/bench/transfer.md`.
 //!
-//! Environment: `BENCH_SIZE_MIB` (default 1024), `BENCH_ROUNDS` (default 3).
+//! Environment: `BENCH_SIZE_MIB` (default 1024), `BENCH_ROUNDS` (default 5).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -331,7 +332,7 @@ fn loopback() -> String {
     require(PEERS);
     let dir = bench_dir();
     let mib = env_num("BENCH_SIZE_MIB", 1024);
-    let rounds = env_num("BENCH_ROUNDS", 3) as usize;
+    let rounds = env_num("BENCH_ROUNDS", 5) as usize;
     let inp = input(&dir, mib);
     let want = sha256(&inp);
     // Output goes to memory (tmpfs) where there is one: a disk's writeback of
@@ -401,7 +402,11 @@ fn loopback() -> String {
 
     let mut runs: Vec<Vec<Run>> = tools.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {
-        for (i, tool) in tools.iter().enumerate() {
+        // Each round starts one tool later, so no tool always runs in the
+        // same place (right after the same neighbour, or first on a machine
+        // that has just been idle).
+        for i in (0..tools.len()).map(|k| (k + round) % tools.len()) {
+            let tool = &tools[i];
             let _ = fs::remove_file(&out);
             let r = run_tool(tool, &inp, &out, &dir, LOOPBACK);
             let got = sha256(&out);
