@@ -36,8 +36,11 @@
 //! go to the others at once, and its worker dials again, which succeeds
 //! within a few seconds of the path's return.
 //!
-//! One mutex and one condition variable: every change wakes the waiters,
-//! which re-check their condition. The only timers are the watchdog's round
+//! One mutex, and a condition variable for each kind of waiter: the reader
+//! (room in the window), each worker (a foot it may send) and the main
+//! thread (the outcome). A change wakes only the waiters it may concern, who
+//! re-check their condition: an acknowledgement frees room on one connection,
+//! so it wakes one worker, not all sixteen. The only timers are the watchdog's round
 //! every 100 ms, and workers waiting for the start's grace or a foot's
 //! patience to run out.
 
@@ -200,7 +203,12 @@ pub struct Snapshot {
 #[derive(Debug)]
 pub struct Window {
     state: Mutex<State>,
+    /// The main thread waits here for the outcome.
     changed: Condvar,
+    /// The reader waits here for room in the window.
+    room: Condvar,
+    /// Worker `w` waits on `workers[w]` for a foot it may send.
+    workers: Vec<Condvar>,
     window: u64,
     inflight: usize,
     /// Until then, a destination still on its first connection attempt holds
@@ -250,6 +258,8 @@ impl Window {
                 tail_bytes: 0,
             }),
             changed: Condvar::new(),
+            room: Condvar::new(),
+            workers: ranks.iter().map(|_| Condvar::new()).collect(),
             window: u64::from(window),
             inflight: inflight as usize,
             grace_until: Instant::now() + FIRST_ATTEMPT_GRACE,
@@ -264,8 +274,24 @@ impl Window {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.changed.wait(g).unwrap_or_else(|p| p.into_inner())
+    /// Wakes every waiter: for the rare changes (connections made or lost,
+    /// the end of the transfer) that may concern anyone.
+    fn wake_all(&self) {
+        self.changed.notify_all();
+        self.room.notify_all();
+        for c in &self.workers {
+            c.notify_all();
+        }
+    }
+
+    /// Wakes the workers that could take a foot now: only a connection with
+    /// room can.
+    fn wake_with_room(&self, s: &State) {
+        for (slot, c) in s.slots.iter().zip(&self.workers) {
+            if slot.has_room(self.inflight) {
+                c.notify_all();
+            }
+        }
     }
 
     /// Adds a foot read from the input, waiting while it would run more than
@@ -274,7 +300,7 @@ impl Window {
         let mut s = self.lock();
         let waiting = Instant::now();
         while !s.finished && foot.id >= s.delivered + self.window {
-            s = self.wait(s);
+            s = self.room.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         let waited = waiting.elapsed();
         if waited > Duration::from_millis(250) {
@@ -295,8 +321,7 @@ impl Window {
         if end {
             Self::open_tail(&mut s);
         }
-        drop(s);
-        self.changed.notify_all();
+        self.wake_with_room(&s);
         true
     }
 
@@ -324,15 +349,15 @@ impl Window {
             };
             if cut {
                 // The piece is for another connection.
-                self.changed.notify_all();
+                self.wake_with_room(&s);
             }
             // The grace for first attempts, and a queued foot's patience,
             // end by themselves: wake up for them.
+            let me = &self.workers[w];
             s = match wake {
-                None => self.wait(s),
+                None => me.wait(s).unwrap_or_else(|p| p.into_inner()),
                 Some(at) => {
-                    self.changed
-                        .wait_timeout(s, at.saturating_duration_since(now))
+                    me.wait_timeout(s, at.saturating_duration_since(now))
                         .unwrap_or_else(|p| p.into_inner())
                         .0
                 }
@@ -464,7 +489,7 @@ impl Window {
     /// Worker `w`'s attempt to connect failed.
     pub fn attempt_failed(&self, w: usize) {
         self.lock().slots[w].first_attempt = false;
-        self.changed.notify_all();
+        self.wake_all();
     }
 
     /// rx has received foot `id` (on worker `w`'s connection).
@@ -483,8 +508,12 @@ impl Window {
         slot.last_ack = now;
         s.feet.remove(&id);
         s.queue.remove(&id);
-        drop(s);
-        self.changed.notify_all();
+        if s.input_done {
+            // The end-of-input rule weighs every connection's pace.
+            self.wake_with_room(&s);
+        } else {
+            self.workers[w].notify_all();
+        }
     }
 
     /// rx has written every foot below `delivered`.
@@ -497,11 +526,18 @@ impl Window {
         // Written feet need no acknowledgement any more.
         s.feet = s.feet.split_off(&delivered);
         s.queue = s.queue.split_off(&delivered);
+        let mut freed = false;
         for slot in &mut s.slots {
+            let before = slot.inflight.len();
             slot.inflight.retain(|&(i, _)| i >= delivered);
+            freed |= slot.inflight.len() < before;
         }
-        drop(s);
-        self.changed.notify_all();
+        self.room.notify_all();
+        // Room on a connection whose acknowledgement has not come yet, or
+        // room in the window for the next piece of the tail.
+        if freed || !s.tail.is_empty() {
+            self.wake_with_room(&s);
+        }
     }
 
     /// Worker `w` has a working connection.
@@ -515,7 +551,7 @@ impl Window {
             s.lost_since = None;
         }
         drop(s);
-        self.changed.notify_all();
+        self.wake_all();
     }
 
     /// How worker `w`'s connection can be shut down from outside.
@@ -529,7 +565,7 @@ impl Window {
         let mut s = self.lock();
         if Self::disconnect(&mut s, w) {
             drop(s);
-            self.changed.notify_all();
+            self.wake_all();
         }
     }
 
@@ -578,7 +614,7 @@ impl Window {
             s.outcome = Some(outcome);
         }
         drop(s);
-        self.changed.notify_all();
+        self.wake_all();
     }
 
     /// Stops the transfer because the user asked (`sig`); workers tell the
@@ -655,7 +691,7 @@ impl Window {
             if watched.elapsed() >= WATCH_EVERY {
                 watched = Instant::now();
                 if self.watch(&mut s, watched) > 0 {
-                    self.changed.notify_all();
+                    self.wake_all();
                 }
             }
             match s.lost_since {
@@ -676,7 +712,7 @@ impl Window {
                             .unwrap_or_else(|| "no connection".into());
                         s.finished = true;
                         drop(s);
-                        self.changed.notify_all();
+                        self.wake_all();
                         return Err(Error::GaveUp(format!(
                             "no connection to the receiver for {} s, giving up (last error: {why})",
                             reconnect_timeout.as_secs()
