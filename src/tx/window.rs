@@ -39,10 +39,10 @@
 //! One mutex, and a condition variable for each kind of waiter: the reader
 //! (room in the window), each worker (a foot it may send) and the main
 //! thread (the outcome). A change wakes only the waiters it may concern, who
-//! re-check their condition: an acknowledgement frees room on one connection,
-//! so it wakes one worker, not all sixteen. The only timers are the watchdog's round
-//! every 100 ms, and workers waiting for the start's grace or a foot's
-//! patience to run out.
+//! re-check their condition: an acknowledgement frees room on one
+//! connection, so it wakes one worker, not all sixteen. The only timers are
+//! the watchdog's round every 100 ms, and workers waiting for the start's
+//! grace or a foot's patience to run out.
 
 use crate::error::Error;
 use crate::pool::Shared;
@@ -162,7 +162,8 @@ struct State {
     receiver: Option<[u8; 8]>,
     /// Why the user stopped the transfer, to tell the receiver.
     cancelled: Option<String>,
-    /// One more than the highest foot id admitted.
+    /// The next foot id: one more than the highest admitted, or cut from
+    /// the tail.
     admitted: u64,
     /// Connections the watchdog found stalled.
     stalls: u64,
