@@ -162,12 +162,14 @@ fn connections_reset_mid_stream_lose_nothing() {
 
 #[test]
 fn a_connection_gone_silent_is_closed_and_its_feet_sent_elsewhere() {
-    // The first connection stops delivering after 7 MiB but stays open and
-    // its TCP keeps acknowledging: nothing below the application notices.
-    // Without tx's watchdog its feet would hold the window forever.
+    // The first two connections stop delivering after 7 MiB but stay open
+    // and their TCP keeps acknowledging: nothing below the application
+    // notices. Without tx's watchdog their feet would hold the window
+    // forever. (Both, because which of them carries 7 MiB first is a race:
+    // the whole transfer takes a fraction of a second.)
     let (mut r, port) = rx(&[]);
     let proxy = FaultProxy::with(port, |n| Fault {
-        stall_after: (n == 0).then_some(7 << 20),
+        stall_after: (n < 2).then_some(7 << 20),
         ..Fault::default()
     });
     let input = Arc::new(data(40 << 20, 23));
@@ -177,11 +179,18 @@ fn a_connection_gone_silent_is_closed_and_its_feet_sent_elsewhere() {
         Arc::clone(&input),
     );
     expect_delivered(&mut t, &mut r, &input, "with a silent connection");
-    assert_eq!(proxy.stalls.load(Ordering::Relaxed), 1);
     let err = t.stderr();
+    let stalls = proxy.stalls.load(Ordering::Relaxed);
+    let closed: u64 = err
+        .split(" stalled connections closed")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of stalled connections:\n{err}"));
+    assert!(stalls >= 1, "no connection carried 7 MiB:\n{err}");
     assert!(
-        err.contains("connection stalled") && err.contains("1 stalled connections closed"),
-        "the watchdog did not close the silent connection:\n{err}"
+        err.contains("connection stalled") && closed >= stalls,
+        "the watchdog closed {closed} of {stalls} silent connections:\n{err}"
     );
 }
 
@@ -427,7 +436,10 @@ fn a_closed_rx_stdout_fails_both_sides_with_the_reason() {
     assert_eq!(rs.code(), Some(1), "{}", r.stderr());
     assert_eq!(ts.code(), Some(1), "{}", t.stderr());
     r.expect_stderr("write to stdout");
-    t.expect_stderr("receiver: write to stdout");
+    // The reason comes in the receiver's abort, or in its refusal of a
+    // connection made after it failed (a worker may dial that late).
+    t.expect_stderr("receiver: ");
+    t.expect_stderr("write to stdout");
 }
 
 #[test]
