@@ -4,9 +4,9 @@
 //! `cargo bench --bench transfer -- loopback` moves 1 GiB of random data
 //! over loopback with nc, mbuffer, socat and viamillipede (threads 1, 4, 16),
 //! interleaving the tools round by round (in an order rotated each round)
-//! and reporting medians. Every
-//! transfer is checked byte-exact (sha256) outside the timed region. CPU
-//! time and peak RSS come from GNU time around each process. Receivers write
+//! and reporting medians. Every transfer is checked byte-exact (sha256)
+//! outside the timed region. CPU time and peak RSS come from GNU time
+//! around each process. Receivers write
 //! to /dev/shm where it exists, so disk writeback does not add noise. The
 //! table is printed and written to `target/bench/transfer.md`.
 //!

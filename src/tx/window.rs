@@ -175,8 +175,6 @@ struct State {
     /// Once the input has ended: the feet never sent, each with when it was
     /// queued, to be cut into pieces numbered from `admitted`.
     tail: VecDeque<(Shared, Instant)>,
-    /// Payload bytes in `tail`.
-    tail_bytes: usize,
 }
 
 /// A snapshot for the stats report.
@@ -256,7 +254,6 @@ impl Window {
                 input_done: false,
                 sent_below: 0,
                 tail: VecDeque::new(),
-                tail_bytes: 0,
             }),
             changed: Condvar::new(),
             room: Condvar::new(),
@@ -409,7 +406,6 @@ impl Window {
         for id in s.sent_below..s.admitted {
             let foot = s.feet.remove(&id).expect("a foot never sent is held");
             let since = s.queue.remove(&id).expect("a foot never sent is queued");
-            s.tail_bytes += foot.data.len();
             s.tail.push_back((foot.data.clone(), since));
         }
         s.admitted = s.sent_below;
@@ -426,7 +422,8 @@ impl Window {
         if !s.queue.is_empty() || s.tail.is_empty() || s.admitted >= s.delivered + self.window {
             return false;
         }
-        let share = (s.tail_bytes / (self.inflight * s.connected.max(1))).max(MIN_PIECE);
+        let left: usize = s.tail.iter().map(|(p, _)| p.len()).sum();
+        let share = (left / (self.inflight * s.connected.max(1))).max(MIN_PIECE);
         let (front, since) = s.tail.front_mut().expect("tail checked non-empty");
         let since = *since;
         let piece = if front.len() < share + MIN_PIECE {
@@ -434,7 +431,6 @@ impl Window {
         } else {
             front.split_to(share)
         };
-        s.tail_bytes -= piece.len();
         // The end foot may be empty: it goes with the piece before it.
         while s.tail.front().is_some_and(|(p, _)| p.is_empty()) {
             s.tail.pop_front();
