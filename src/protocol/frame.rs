@@ -41,6 +41,10 @@ pub enum Kind {
     Abort = 5,
     /// tx -> rx: the sender stopped (interrupted); the payload is why.
     Cancel = 6,
+    /// rx -> tx: `id` bytes in all have arrived on this connection; sent
+    /// every so often while a foot is arriving, so a slow connection is
+    /// seen to move long before its foot is whole.
+    Progress = 7,
 }
 
 impl Kind {
@@ -52,6 +56,7 @@ impl Kind {
             4 => Kind::Done,
             5 => Kind::Abort,
             6 => Kind::Cancel,
+            7 => Kind::Progress,
             _ => return None,
         })
     }
@@ -187,7 +192,7 @@ impl Header {
         let max = match kind {
             Kind::Foot => max_foot,
             Kind::Abort | Kind::Cancel => MAX_MESSAGE as u32,
-            Kind::Ack | Kind::Window | Kind::Done => 0,
+            Kind::Ack | Kind::Window | Kind::Done | Kind::Progress => 0,
         };
         let max = max.saturating_add(tag);
         if len > max {
@@ -292,7 +297,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_valid_header_round_trips(kind in 1u8..=6, end: bool, len in 0u32..=1024, id: u64) {
+        fn any_valid_header_round_trips(kind in 1u8..=7, end: bool, len in 0u32..=1024, id: u64) {
             let kind = Kind::from_u8(kind).unwrap();
             let h = match kind {
                 Kind::Foot => Header::foot(id, len, end),

@@ -24,7 +24,7 @@ use std::fmt;
 pub const MAGIC: [u8; 8] = *b"VIAMPEDE";
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 /// Hello flag: tx holds a key; the extension is its nonce, and rx must
 /// answer with a challenge.

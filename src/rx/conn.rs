@@ -9,7 +9,7 @@ use super::{Arrived, Event};
 use crate::crypto::{self, Key, Opener, Sealer, NONCE_LEN, PROOF_LEN};
 use crate::error::Error;
 use crate::protocol::handshake::{FLAG_CHECKSUMS, FLAG_ENCRYPT};
-use crate::protocol::{HandshakeError, Header, Kind, Reason, Reply, Status};
+use crate::protocol::{HandshakeError, Kind, Reason, Reply, Status};
 use crate::protocol::{Hello, HEADER_LEN};
 use crate::stats::LinkState;
 use crate::wire::{FrameReader, FrameWriter};
@@ -18,6 +18,7 @@ use crossbeam_channel::Sender;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zstd::bulk::Decompressor;
 
@@ -57,20 +58,42 @@ pub fn handle(
     if checksums {
         state.checksummed.store(true, Ordering::Relaxed);
     }
-    let (key, conn) = state.register(FrameWriter::new(writer, sealer), peer.to_string());
+    let (key, conn) = state.register(peer.to_string());
+    let out = Arc::clone(&conn);
+    let writer = FrameWriter::new(writer, sealer);
+    if let Err(e) = std::thread::Builder::new()
+        .name(format!("rx-out-{peer}"))
+        .spawn(move || out.outbox.run(writer))
+    {
+        log::warn!("{peer}: no thread for the connection: {e}");
+        state.unregister(key);
+        return;
+    }
     conn.link.set_state(LinkState::Receiving);
     let _ = events.send(Event::Opened);
     log::info!("{peer}: connected");
 
-    let reader = FrameReader::new(&mut stream, opener, session.foot_size).with_checksums(checksums);
+    let metered = Metered {
+        stream: &stream,
+        total: 0,
+        outbox: &conn.outbox,
+    };
+    let reader = FrameReader::new(metered, opener, session.foot_size).with_checksums(checksums);
     let result = receive(state, reader, session, &conn, feet);
+    conn.outbox.close();
     match &result {
         Ok(Some(reason)) => {
             log::warn!("{peer}: the sender stopped the stream: {reason}");
             state.end(Progress::Failed(format!("sender {reason}")));
             let _ = events.send(Event::Finished(Err(Error::Sender(reason.clone()))));
         }
-        Ok(None) => log::debug!("{peer}: closed by sender"),
+        Ok(None) => {
+            log::debug!("{peer}: closed by sender");
+            if matches!(state.progress(), Progress::Complete(_)) {
+                // A sender closes cleanly only once it knows the outcome.
+                state.confirm();
+            }
+        }
         Err(e) if e.kind() == io::ErrorKind::InvalidData => {
             log::warn!("{peer}: protocol violation, connection dropped: {e}");
             state.refused.fetch_add(1, Ordering::Relaxed);
@@ -179,7 +202,7 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
             })
         }
         Admission::Complete(bytes) => {
-            reply(
+            let told = reply(
                 state,
                 stream,
                 &Reply::new(
@@ -189,6 +212,9 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
                     "stream complete".into(),
                 ),
             );
+            if told {
+                state.confirm();
+            }
             None
         }
         Admission::Reject(r) => {
@@ -236,6 +262,25 @@ fn authenticate(
     Ok((tx_nonce, rx_nonce))
 }
 
+/// Counts the bytes arriving on a connection and reports them to the
+/// sender every so often, so a connection is seen to move while a foot is
+/// still arriving.
+struct Metered<'a> {
+    stream: &'a TcpStream,
+    total: u64,
+    outbox: &'a super::outbox::Outbox,
+}
+
+impl Read for Metered<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut stream = self.stream;
+        let n = stream.read(buf)?;
+        self.total += n as u64;
+        self.outbox.progress(self.total, Instant::now());
+        Ok(n)
+    }
+}
+
 /// Reads with a deadline for everything read through it, rather than a
 /// timeout per read, which a peer sending a byte at a time would defeat.
 struct Deadline<'a> {
@@ -272,7 +317,7 @@ fn violation(msg: String) -> io::Error {
 /// stream (`Some(reason)`) or breaks the rules.
 fn receive(
     state: &State,
-    mut reader: FrameReader<&mut TcpStream>,
+    mut reader: FrameReader<Metered<'_>>,
     session: Session,
     conn: &super::state::Conn,
     feet: &Sender<Arrived>,
@@ -344,7 +389,11 @@ fn receive(
             // The sequencer has finished; nothing more is needed.
             return Ok(None);
         }
-        conn.send(&Header::control(Kind::Ack, h.id), b"");
+        if !conn.outbox.ack(h.id, Instant::now()) {
+            return Err(violation(
+                "the sender does not read its acknowledgements".into(),
+            ));
+        }
         conn.link.count_foot(len);
     }
 }

@@ -6,6 +6,7 @@
 //! reconnect timeout once every connection of a started stream is gone.
 
 mod conn;
+mod outbox;
 mod sequencer;
 mod state;
 
@@ -31,6 +32,10 @@ use std::time::{Duration, Instant};
 const MAX_HANDSHAKING: usize = 64;
 /// How long to wait, after the stream ended, for senders to close.
 const LINGER: Duration = Duration::from_secs(5);
+/// How long a complete stream waits for the sender to show that it knows
+/// (its last frames may have been lost with a connection): a sender that
+/// reconnects meanwhile is told the stream is complete.
+const UNCONFIRMED_LINGER: Duration = Duration::from_secs(30);
 
 /// A foot read from a connection, on its way to the sequencer.
 #[derive(Debug)]
@@ -56,11 +61,48 @@ pub enum Event {
 
 /// Listens as `config` says and writes the stream to stdout.
 pub fn run(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
-    let stdout = std::io::stdout()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| Error::io("open stdout", e))?;
-    run_into(config, addr, port, File::from(stdout))
+    run_into(config, addr, port, Stdout::open()?)
+}
+
+/// The process's stdout as the stream's output. Once the output is done
+/// with (the sequencer drops it at the end of the stream), fd 1 itself is
+/// pointed at /dev/null, so the program reading the stream sees its end at
+/// once, even while rx lingers for the sender.
+struct Stdout(Option<File>);
+
+impl Stdout {
+    fn open() -> Result<Stdout> {
+        let fd = std::io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("open stdout", e))?;
+        Ok(Stdout(Some(File::from(fd))))
+    }
+
+    fn file(&mut self) -> std::io::Result<&mut File> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("stdout is closed"))
+    }
+}
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file()?.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file()?.flush()
+    }
+}
+
+impl Drop for Stdout {
+    fn drop(&mut self) {
+        drop(self.0.take());
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = rustix::stdio::dup2_stdout(&null);
+        }
+    }
 }
 
 /// Listens as `config` says and writes the stream to `out`.
@@ -100,14 +142,10 @@ pub fn receive(
 /// Receives over connections made to a listening sender (reverse mode,
 /// `--connect`), writing the stream to stdout.
 pub fn run_connecting(config: &Config, destinations: &[Destination]) -> Result<Summary> {
-    let stdout = std::io::stdout()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| Error::io("open stdout", e))?;
     receive_from(
         config,
         Incoming::Dial(destinations.to_vec()),
-        File::from(stdout),
+        Stdout::open()?,
         || {},
     )
 }
@@ -216,12 +254,22 @@ fn receive_from(
     };
 
     // Let the senders hear the outcome and close first, so their last
-    // frames are not cut off by a reset.
-    let deadline = Instant::now() + LINGER;
-    while !state.connections().is_empty() {
-        match events_rx.recv_deadline(deadline) {
-            Ok(_) => {}
-            Err(_) => break,
+    // frames are not cut off by a reset; a complete stream waits for the
+    // sender to show it knows, answering its reconnects meanwhile.
+    let ended = Instant::now();
+    loop {
+        let open = !state.connections().is_empty();
+        let complete = matches!(state.progress(), Progress::Complete(_));
+        let deadline = match (complete, state.confirmed(), open) {
+            (true, Some(at), true) => at + LINGER,
+            // An open connection carries the end to the sender.
+            (true, None, true) | (false, _, true) => ended + LINGER,
+            // Every connection failed before the sender was seen to know.
+            (true, None, false) => ended + UNCONFIRMED_LINGER,
+            _ => break,
+        };
+        if events_rx.recv_deadline(deadline).is_err() {
+            break;
         }
     }
     // Waits for a foot being written, so the output ends on a foot boundary.
@@ -327,7 +375,7 @@ fn dial(
     events: &Sender<Event>,
 ) {
     let mut backoff = DIAL_BACKOFF_START;
-    while state.progress() == Progress::Running {
+    while state.wants_sender() {
         let connected = net::connect(dest, DIAL_TIMEOUT, &state.config.socket).and_then(|mut s| {
             s.write_all(&Dial { rank, index }.encode())?;
             let peer = s.peer_addr()?;
@@ -341,7 +389,7 @@ fn dial(
             }
             Err(e) => log::debug!("connect to {dest}: {e}"),
         }
-        if state.progress() != Progress::Running {
+        if !state.wants_sender() {
             break;
         }
         // A retry delay, not a wait for anything: the process ends the

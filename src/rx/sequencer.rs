@@ -9,7 +9,6 @@ use super::state::{Progress, State};
 use super::{Arrived, Event};
 use crate::error::Error;
 use crate::prbs::Verifier;
-use crate::protocol::{Header, Kind};
 use crate::reorder::{Pushed, Reorder};
 use crossbeam_channel::{Receiver, Sender};
 use std::io::Write;
@@ -71,14 +70,17 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
                 if state.checksummed.load(Ordering::Relaxed) {
                     log::info!("stream digest (xxh3-128): {:032x}", digest.digest128());
                 }
+                // Complete before the sender can hear it: a sender that
+                // then closes a connection is seen to know.
                 state.end(Progress::Complete(total));
+                state.tell_window(ready.id + 1);
                 let _ = events.send(Event::Finished(verdict(verifier.as_ref(), total)));
                 return;
             }
         }
         state.reorder_feet.store(reorder.len(), Ordering::Relaxed);
         if reorder.next() != before {
-            state.broadcast(&Header::control(Kind::Window, reorder.next()), b"");
+            state.tell_window(reorder.next());
         }
     }
 }

@@ -2,17 +2,17 @@
 //! connections carrying it, how far the output has been written, and
 //! whether the stream has ended.
 
+use super::outbox::{End, Outbox};
 use crate::config::Config;
 use crate::pool::Pool;
 use crate::protocol::handshake::{FLAG_AUTH, FLAG_ENCRYPT, KNOWN_FLAGS};
-use crate::protocol::{Header, Hello, Kind, Reason, Reply, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
+use crate::protocol::{Hello, Reason, Reply, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
 use crate::report;
 use crate::stats::{Clock, Link};
-use crate::wire::FrameWriter;
 use std::collections::BTreeMap;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 /// The stream a receiver serves: fixed by the first accepted handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,16 +41,8 @@ pub enum Progress {
 pub struct Conn {
     /// Its counters.
     pub link: Link,
-    /// Sealing happens under this lock too, so frames leave in nonce order.
-    writer: Mutex<FrameWriter<TcpStream>>,
-}
-
-impl Conn {
-    /// Sends a control or abort frame; failures surface in the reader.
-    pub fn send(&self, header: &Header, payload: &[u8]) {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = w.send(header, payload);
-    }
+    /// What is to be told to the sender on it.
+    pub outbox: Outbox,
 }
 
 /// State shared by the acceptor, the connections and the sequencer.
@@ -87,6 +79,8 @@ pub struct State {
     closed: Mutex<Vec<report::Connection>>,
     /// Held while a foot is written; false once the output is closed.
     output_open: Mutex<bool>,
+    /// When the sender was first seen to know the stream is complete.
+    confirmed: Mutex<Option<Instant>>,
 }
 
 /// The verdict on a handshake.
@@ -135,6 +129,7 @@ impl State {
             receiver: random_id(),
             closed: Mutex::new(Vec::new()),
             output_open: Mutex::new(true),
+            confirmed: Mutex::new(None),
         }
     }
 
@@ -266,37 +261,50 @@ impl State {
             }
             *p = progress.clone();
         }
-        match progress {
-            Progress::Complete(bytes) => self.broadcast(&Header::control(Kind::Done, bytes), b""),
-            Progress::Failed(msg) => {
-                let msg =
-                    crate::protocol::handshake::truncate_utf8(&msg, crate::protocol::MAX_MESSAGE);
-                let header = Header {
-                    kind: Kind::Abort,
-                    flags: 0,
-                    len: msg.len() as u32,
-                    id: 0,
-                };
-                self.broadcast(&header, msg.as_bytes());
-            }
-            Progress::Running => {}
+        let end = match progress {
+            Progress::Complete(bytes) => End::Done(bytes),
+            Progress::Failed(msg) => End::Abort(msg),
+            Progress::Running => return,
+        };
+        for c in self.connections() {
+            c.outbox.end(end.clone());
         }
     }
 
-    /// Sends a frame on every connection of the session.
-    pub fn broadcast(&self, header: &Header, payload: &[u8]) {
-        let conns: Vec<Arc<Conn>> = Self::lock(&self.conns).values().cloned().collect();
-        for c in conns {
-            c.send(header, payload);
+    /// Tells every connection that every foot below `delivered` is written.
+    pub fn tell_window(&self, delivered: u64) {
+        for c in self.connections() {
+            c.outbox.window(delivered);
         }
+    }
+
+    /// The sender has shown it knows the stream is complete (it closed a
+    /// connection cleanly, or was told so when it reconnected).
+    pub fn confirm(&self) {
+        Self::lock(&self.confirmed).get_or_insert_with(Instant::now);
+    }
+
+    /// Whether the sender is still needed: the stream runs, or is complete
+    /// and the sender has not yet shown that it knows.
+    pub fn wants_sender(&self) -> bool {
+        match self.progress() {
+            Progress::Running => true,
+            Progress::Complete(_) => self.confirmed().is_none(),
+            Progress::Failed(_) => false,
+        }
+    }
+
+    /// When the sender was first seen to know the stream is complete.
+    pub fn confirmed(&self) -> Option<Instant> {
+        *Self::lock(&self.confirmed)
     }
 
     /// Adds a connection; returns its key and handle.
-    pub fn register(&self, writer: FrameWriter<TcpStream>, peer: String) -> (u64, Arc<Conn>) {
+    pub fn register(&self, peer: String) -> (u64, Arc<Conn>) {
         let key = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             link: Link::new(peer),
-            writer: Mutex::new(writer),
+            outbox: Outbox::default(),
         });
         Self::lock(&self.conns).insert(key, Arc::clone(&conn));
         (key, conn)

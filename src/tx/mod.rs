@@ -5,6 +5,7 @@
 //! destination pull feet from it. The main thread waits for rx's final
 //! confirmation, a fatal error, or the reconnect timeout.
 
+pub mod schedule;
 pub mod window;
 mod worker;
 
@@ -19,6 +20,7 @@ use crate::report;
 use crate::signals::Reporter;
 use crate::stats::{human_bytes, Clock, Link, LinkState};
 use crate::Summary;
+use schedule::Params;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use window::{Foot, Window};
+use window::Window;
 use xxhash_rust::xxh3::Xxh3Default;
 
 /// How long to let workers close their connections after the outcome.
@@ -187,7 +189,13 @@ pub fn send(
             .unzip(),
     };
     let ranks: Vec<usize> = plan.iter().map(|(rank, _)| *rank).collect();
-    let window = Arc::new(Window::new(config.window, config.inflight, &ranks));
+    let params = Params {
+        window: config.window,
+        foot_size: config.foot_size as usize,
+        inflight: config.inflight as usize,
+        reconnect_timeout: config.reconnect_timeout,
+    };
+    let window = Arc::new(Window::new(params, &ranks));
     let accepting = matches!(connections, Connections::Accept(_));
     if accepting {
         // The receiver decides which connections exist; none is "coming".
@@ -208,7 +216,10 @@ pub fn send(
         let stop = Arc::clone(&window);
         Reporter::spawn(
             move || report(&window, &links, &clock, read.load(Relaxed), accepting),
-            move |sig| stop.cancel(sig),
+            move |sig| {
+                let why = format!("stopped by {}", crate::error::signal_name(sig));
+                stop.cancel(why, Error::Interrupted(sig));
+            },
         )
         .map_err(|e| Error::io("install signal handlers", e))?
     };
@@ -264,7 +275,7 @@ pub fn send(
             "read",
         )
     };
-    let outcome = window.outcome(config.reconnect_timeout);
+    let outcome = window.outcome();
     window.finish(Err(Error::Internal("stopped".into())));
     drop(stop_tx);
     if let Some(addr) = wake_acceptor {
@@ -339,25 +350,25 @@ fn ingest(
     let pool = Pool::new(window.size() as usize + 1, foot_size as usize);
     let start = Instant::now();
     let mut total = 0u64;
-    for id in 0.. {
+    for chunk in 0.. {
         if let Some(delay) = pacing.delay {
             std::thread::sleep(delay);
         }
         let mut data = pool.take();
-        let end = if pacing.leglimit.is_some_and(|n| id >= n) {
+        let end = if pacing.leglimit.is_some_and(|n| chunk >= n) {
             true
         } else if pacing.charmode {
             // Whatever one read returns goes at once; only EOF reads nothing.
             match data.read_some_from(&mut input, foot_size as usize) {
                 Ok(n) => n == 0,
-                Err(e) => return window.finish(Err(Error::io("read stdin", e))),
+                Err(e) => return stdin_failed(window, e),
             }
         } else {
             // Feet are full-size however short the pipe's reads are: only
             // the end of the input makes a short one.
             match data.read_full_from(&mut input, foot_size as usize) {
                 Ok(n) => n < foot_size as usize,
-                Err(e) => return window.finish(Err(Error::io("read stdin", e))),
+                Err(e) => return stdin_failed(window, e),
             }
         };
         total += data.len() as u64;
@@ -374,15 +385,15 @@ fn ingest(
             let due = start + Duration::from_secs_f64(total as f64 / rate as f64);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
-        if !window.admit(Foot {
-            id,
-            data: data.into(),
-            end,
-        }) || end
-        {
+        if !window.admit(data.into(), end) || end {
             return;
         }
     }
+}
+
+/// Ends the transfer because the input failed, telling the receiver why.
+fn stdin_failed(window: &Window, e: std::io::Error) {
+    window.cancel(format!("read stdin: {e}"), Error::io("read stdin", e));
 }
 
 /// Ends the run with an error if a worker thread panics, so the peer is
@@ -417,7 +428,9 @@ fn report(window: &Window, links: &[Link], clock: &Clock, read: u64, accepting: 
             continue;
         }
         let inflight = snap.inflight.get(w).copied().unwrap_or(0);
-        out.push_str(&link.line(&format!("worker-{w}"), &format!(" {inflight:>2} in flight")));
+        let piece = human_bytes(snap.piece.get(w).copied().unwrap_or(0) as u64);
+        let extra = format!(" {inflight:>2} in flight, pieces of {piece}");
+        out.push_str(&link.line(&format!("worker-{w}"), &extra));
         out.push('\n');
     }
     let _ = writeln!(
@@ -428,7 +441,7 @@ fn report(window: &Window, links: &[Link], clock: &Clock, read: u64, accepting: 
     );
     let _ = writeln!(
         out,
-        "  connections {}/{} up, retransmitted feet {}, reconnects {}, stalled {}, window {}/{} feet ({} unacknowledged, {} queued), rx has written {} feet",
+        "  connections {}/{} up, retransmitted feet {}, reconnects {}, stalled {}, window {}/{} feet ({} unacknowledged, {} queued), rx has written {}",
         snap.connected,
         links.len(),
         snap.retransmits,
@@ -438,7 +451,7 @@ fn report(window: &Window, links: &[Link], clock: &Clock, read: u64, accepting: 
         window.size(),
         snap.held,
         snap.queued,
-        snap.delivered
+        human_bytes(snap.delivered_bytes)
     );
     out
 }

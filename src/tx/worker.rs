@@ -248,7 +248,15 @@ fn handshake(
             if c.checksums && !checksums {
                 return Err(fatal("the receiver did not agree to checksums".into()));
             }
-            shared.window.advance(reply.delivered);
+            if !shared.window.advance(reply.delivered) {
+                return Err(retry(
+                    "handshake with",
+                    &format!(
+                        "the receiver claims {} pieces written, more than were sent",
+                        reply.delivered
+                    ),
+                ));
+            }
             Ok(Opened {
                 stream,
                 channel,
@@ -297,10 +305,12 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
             }
         });
     let mut squeezed = Vec::new();
-    window.connected(w);
-    window.set_closer(
+    // A stalled connection is reset, not closed: what it still has queued
+    // in the kernel is dropped instead of competing with the others.
+    window.connected(
         w,
         Closer::new(move || {
+            net::abortive_close(&closer);
             let _ = closer.shutdown(Shutdown::Both);
         }),
     );
@@ -355,8 +365,11 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
             };
             let _ = writer.send(&header, reason.as_bytes());
         }
-        // Wakes the acknowledgement reader; a FIN tells rx we are done.
-        let _ = writer.get_ref().shutdown(Shutdown::Both);
+        // A FIN tells rx we are done. The acknowledgement reader takes what
+        // rx still sends until rx closes too: a frame arriving at a closed
+        // socket would be answered with a reset, and rx could not tell that
+        // we heard the end of the stream.
+        let _ = writer.get_ref().shutdown(Shutdown::Write);
         window.disconnected(w);
     });
 }
@@ -386,7 +399,8 @@ fn squeeze<'a>(
     }
 }
 
-/// Reads what rx sends back on one connection into the window.
+/// Reads what rx sends back on one connection into the window, until rx
+/// closes it (after the end of the stream, too).
 fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
     let result = (|| -> std::io::Result<()> {
         loop {
@@ -396,15 +410,22 @@ fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
             let payload = reader.small_payload(&h)?;
             match h.kind {
                 Kind::Ack => window.ack(w, h.id),
-                Kind::Window => window.advance(h.id),
-                Kind::Done => {
-                    window.finish(Ok(h.id));
-                    return Ok(());
+                Kind::Progress => window.progress(w, h.id),
+                Kind::Window => {
+                    if !window.advance(h.id) {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "receiver claims {} pieces written, more than were sent",
+                                h.id
+                            ),
+                        ));
+                    }
                 }
+                Kind::Done => window.finish(Ok(h.id)),
                 Kind::Abort => {
                     let msg = String::from_utf8_lossy(&payload).into_owned();
                     window.finish(Err(Error::Peer(msg)));
-                    return Ok(());
                 }
                 Kind::Foot | Kind::Cancel => {
                     return Err(std::io::Error::new(

@@ -1,0 +1,1119 @@
+//! The send scheduler as a state machine without I/O: which connection
+//! carries which piece of the input, when a connection has stalled, and when
+//! the transfer is over. Every method takes `now`; nothing here sleeps,
+//! locks or touches a socket. [`super::window::Window`] is the blocking
+//! shell the threads use, and `crate::sim` drives this same type over
+//! simulated links with a virtual clock.
+//!
+//! **Pieces.** The reader admits the input in chunks (a foot each); a
+//! connection asking for work is given a *piece* cut off the front of what is
+//! unsent, numbered on from the last one. A piece is as large as its
+//! connection has shown it can carry in a couple of seconds: each connection
+//! starts at [`INITIAL_PIECE`] and doubles while its pieces come back within
+//! [`GROW_BELOW`] of being handed out (up to the foot size), and halves when
+//! one takes longer than [`SHRINK_ABOVE`]. On a fast path every piece is a
+//! whole foot after a few round trips; on a 1 Mbit/s path shared by sixteen
+//! connections, pieces are a few KiB and the first acknowledgement comes
+//! after seconds, not minutes. Once the input has ended, pieces are also at
+//! most the asking connection's share of what is left (at least
+//! [`MIN_TAIL`]), so the connections finish together. A piece, once cut,
+//! keeps its id and bytes until the receiver has it.
+//!
+//! **Who gets a piece.** A connection may take one while it has fewer than
+//! `inflight` unacknowledged, and while its destination (its *rank*) has
+//! fewer unacknowledged bytes than it has shown it can deliver in
+//! [`BUDGET_TIME`] (at least [`START_BUDGET`]): at the start, a few
+//! connections carry the first pieces, and more join as acknowledgements show
+//! the path carries more. A worse rank gets a piece only while no connection
+//! of a better rank has room, or when the piece has waited [`SPILL_PATIENCE`]
+//! for one (a connection busy writing has room by the count, yet cannot take
+//! a piece: the wait is what shows its rank is saturated). At the end of the
+//! input, a connection leaves the rest to connections more than twice as
+//! fast when they would carry all of it before it could carry one more.
+//!
+//! **Liveness.** The receiver reports, every so often, the bytes it has
+//! received on each connection, and acknowledges each piece. A connection
+//! with pieces in flight and no such sign for several of its usual gaps
+//! between signs (between [`STALL_MIN`] and [`STALL_MAX`]; [`STALL_FIRST`]
+//! before it has shown any) is stalled: it is closed and its pieces go to the
+//! others. However slowly a connection moves, it is never stalled while it
+//! moves. The transfer gives up after `reconnect_timeout` without any
+//! connection, or with work outstanding and no progress at all; a reconnect
+//! is not progress, so it can never loop forever.
+//!
+//! **Flow control.** The reader may not run more than `window` feet of bytes
+//! ahead of what the receiver has written, and a piece is cut only while its
+//! id is below the receiver's written position plus `window`: that bounds
+//! memory on both sides. A lost connection's pieces go back to the queue at
+//! once, lowest id first.
+//!
+//! **Effects.** What the shell must do after a call (wake a worker, the
+//! reader or the timer thread; close a stalled connection) collects in
+//! [`Effects`], taken with [`Schedule::take_effects`]. Timers are one query,
+//! [`Schedule::poll_timeout`], and one call, [`Schedule::handle_timeout`].
+
+use crate::error::Error;
+use crate::pool::Shared;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long after the start a destination's first connection attempt holds
+/// back worse-ranked destinations.
+pub const FIRST_ATTEMPT_GRACE: Duration = Duration::from_secs(1);
+/// A piece waiting this long for a better rank goes to a worse one.
+pub const SPILL_PATIENCE: Duration = Duration::from_millis(500);
+/// A new connection's first pieces.
+pub const INITIAL_PIECE: usize = 64 << 10;
+/// The smallest piece a slow connection is given.
+pub const MIN_PIECE: usize = 16 << 10;
+/// The smallest piece the end of the input is cut into for its share.
+pub const MIN_TAIL: usize = 256 << 10;
+/// A piece acknowledged this soon after it was handed out doubles its
+/// connection's piece size.
+pub const GROW_BELOW: Duration = Duration::from_secs(2);
+/// A piece that took longer halves it.
+pub const SHRINK_ABOVE: Duration = Duration::from_secs(8);
+/// Unacknowledged bytes a destination may have before it has shown a rate.
+pub const START_BUDGET: u64 = 256 << 10;
+/// A destination may have this many seconds of its delivery rate
+/// unacknowledged.
+pub const BUDGET_TIME: f64 = 8.0;
+/// Silence that stalls a connection that has not yet shown how often it
+/// speaks.
+pub const STALL_FIRST: Duration = Duration::from_secs(5);
+/// The shortest silence that stalls a connection.
+pub const STALL_MIN: Duration = Duration::from_secs(2);
+/// The longest silence a connection is allowed, however irregular it is.
+pub const STALL_MAX: Duration = Duration::from_secs(30);
+/// A connection is stalled after this many of its usual gaps without a sign.
+const STALL_GAPS: u32 = 6;
+
+/// A numbered piece of the input.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Foot {
+    /// Sequence number, from 0.
+    pub id: u64,
+    /// The payload.
+    pub data: Shared,
+    /// Whether it ends the stream.
+    pub end: bool,
+}
+
+/// The fixed parameters of one transfer.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    /// Ids a piece may run ahead of the receiver's written position; also
+    /// the read-ahead, in feet.
+    pub window: u32,
+    /// The largest piece (and the reader's chunk).
+    pub foot_size: usize,
+    /// Unacknowledged pieces per connection.
+    pub inflight: usize,
+    /// Give up after this long without a connection, or without progress.
+    pub reconnect_timeout: Duration,
+}
+
+/// What the shell must do after a call.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Workers that may now be able to take a piece (or must see that their
+    /// connection is lost, or that the transfer is over).
+    pub wake: Vec<usize>,
+    /// The reader may have room for more input.
+    pub reader: bool,
+    /// Connections found stalled: shut their sockets down.
+    pub close: Vec<usize>,
+    /// The timer thread must look again: the transfer is over, or the
+    /// earliest deadline moved closer.
+    pub timer: bool,
+}
+
+/// A snapshot for reports.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Read and not yet written by rx, in feet (rounded up).
+    pub ahead: u64,
+    /// Pieces held: read, cut, not yet acknowledged.
+    pub held: usize,
+    /// Pieces waiting for a connection, and unsent input in feet.
+    pub queued: usize,
+    /// Every piece below this id has been written by rx.
+    pub delivered: u64,
+    /// Bytes rx has written.
+    pub delivered_bytes: u64,
+    /// Pieces resent after a connection was lost (or found stalled).
+    pub retransmits: u64,
+    /// Connections found stalled and closed.
+    pub stalls: u64,
+    /// Unacknowledged pieces per worker.
+    pub inflight: Vec<usize>,
+    /// Each worker's current piece size.
+    pub piece: Vec<usize>,
+    /// Live connections.
+    pub connected: usize,
+}
+
+#[derive(Debug)]
+struct Slot {
+    rank: usize,
+    connected: bool,
+    /// Still on its first connection attempt.
+    first_attempt: bool,
+    /// Unacknowledged pieces: id, when handed out, length.
+    inflight: Vec<(u64, Instant, usize)>,
+    /// The size of the next piece, learnt from the last ones.
+    piece: usize,
+    /// Smoothed delivery rate in bytes per second while busy.
+    rate: Option<f64>,
+    /// The last acknowledgement.
+    last_ack: Option<Instant>,
+    /// The last sign of progress, or when the connection last became busy.
+    heard: Instant,
+    /// Smoothed gap between signs of progress while busy.
+    gap: Option<Duration>,
+    /// The byte count the receiver last reported for this connection.
+    progress: u64,
+}
+
+impl Slot {
+    fn inflight_bytes(&self) -> u64 {
+        self.inflight.iter().map(|&(_, _, len)| len as u64).sum()
+    }
+
+    /// How long this connection may be silent with pieces in flight.
+    fn stall_limit(&self) -> Duration {
+        match self.gap {
+            None => STALL_FIRST,
+            Some(g) => (g * STALL_GAPS).clamp(STALL_MIN, STALL_MAX),
+        }
+    }
+}
+
+/// Unsent input, with when it was admitted (for the spill patience).
+#[derive(Debug)]
+struct Chunk {
+    data: Shared,
+    since: Instant,
+}
+
+/// Where the piece for a worker comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Take {
+    /// A piece already cut, waiting to be (re)sent.
+    Queued(u64),
+    /// A new piece off the front of the unsent input.
+    Cut,
+}
+
+/// The scheduler of one transfer.
+#[derive(Debug)]
+pub struct Schedule {
+    params: Params,
+    slots: Vec<Slot>,
+    /// Unacknowledged bytes per rank.
+    rank_inflight: Vec<u64>,
+    ranks: usize,
+    /// Pieces cut and not yet acknowledged.
+    held: BTreeMap<u64, Arc<Foot>>,
+    /// Held pieces waiting for a connection, and since when.
+    queue: BTreeMap<u64, Instant>,
+    /// Input not yet cut into pieces.
+    unsent: VecDeque<Chunk>,
+    unsent_bytes: u64,
+    /// The next piece id.
+    next_id: u64,
+    /// Every piece below this id has been written by rx.
+    delivered: u64,
+    /// End offsets in the input of the pieces from `delivered` on.
+    ends: VecDeque<u64>,
+    bytes_read: u64,
+    bytes_delivered: u64,
+    /// The last chunk has been admitted.
+    input_done: bool,
+    /// The piece that ends the stream has been cut.
+    end_cut: bool,
+    connected: usize,
+    /// When the last connection was lost (or the start, before the first).
+    lost_since: Option<Instant>,
+    /// The last progress, or when work became outstanding.
+    motion: Instant,
+    /// Whether work is outstanding: pieces unacknowledged, or input that
+    /// could be cut.
+    stuck: bool,
+    grace_until: Instant,
+    last_error: Option<String>,
+    finished: bool,
+    outcome: Option<Result<u64, Error>>,
+    retransmits: u64,
+    stalls: u64,
+    effects: Effects,
+    woken: Vec<bool>,
+    /// The deadline the timer thread was last given.
+    armed: Option<Instant>,
+}
+
+impl Schedule {
+    /// A schedule for workers of the given ranks (one entry per worker).
+    pub fn new(params: Params, ranks: &[usize], now: Instant) -> Schedule {
+        let initial = INITIAL_PIECE.min(params.foot_size).max(1);
+        let slots: Vec<Slot> = ranks
+            .iter()
+            .map(|&rank| Slot {
+                rank,
+                connected: false,
+                first_attempt: true,
+                inflight: Vec::new(),
+                piece: initial,
+                rate: None,
+                last_ack: None,
+                heard: now,
+                gap: None,
+                progress: 0,
+            })
+            .collect();
+        let nranks = ranks.iter().max().map_or(0, |&r| r + 1);
+        Schedule {
+            params,
+            woken: vec![false; slots.len()],
+            slots,
+            rank_inflight: vec![0; nranks],
+            ranks: nranks,
+            held: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            unsent: VecDeque::new(),
+            unsent_bytes: 0,
+            next_id: 0,
+            delivered: 0,
+            ends: VecDeque::new(),
+            bytes_read: 0,
+            bytes_delivered: 0,
+            input_done: false,
+            end_cut: false,
+            connected: 0,
+            lost_since: Some(now),
+            motion: now,
+            stuck: false,
+            grace_until: now + FIRST_ATTEMPT_GRACE,
+            last_error: None,
+            finished: false,
+            outcome: None,
+            retransmits: 0,
+            stalls: 0,
+            effects: Effects::default(),
+            armed: None,
+        }
+    }
+
+    /// What the shell must do now; clears the list.
+    pub fn take_effects(&mut self) -> Effects {
+        for &w in &self.effects.wake {
+            self.woken[w] = false;
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    fn wake(&mut self, w: usize) {
+        if !self.woken[w] {
+            self.woken[w] = true;
+            self.effects.wake.push(w);
+        }
+    }
+
+    fn wake_all(&mut self) {
+        for w in 0..self.slots.len() {
+            self.wake(w);
+        }
+        self.effects.reader = true;
+        self.effects.timer = true;
+    }
+
+    /// Wakes the workers that could take a piece now: only those with room.
+    fn wake_with_room(&mut self) {
+        if !self.has_work() {
+            return;
+        }
+        for w in 0..self.slots.len() {
+            if self.has_room(w) {
+                self.wake(w);
+            }
+        }
+    }
+
+    /// Whether anything could be handed out: a queued piece, or input that
+    /// may be cut.
+    fn has_work(&self) -> bool {
+        !self.queue.is_empty() || self.can_cut()
+    }
+
+    fn can_cut(&self) -> bool {
+        !self.unsent.is_empty() && self.next_id < self.delivered + u64::from(self.params.window)
+    }
+
+    /// Unacknowledged bytes rank `r` may have.
+    fn budget(&self, r: usize) -> u64 {
+        let rate: f64 = self
+            .slots
+            .iter()
+            .filter(|s| s.rank == r && s.connected)
+            .filter_map(|s| s.rate)
+            .sum();
+        START_BUDGET.max((rate * BUDGET_TIME) as u64)
+    }
+
+    /// Connected with fewer than `inflight` pieces unacknowledged.
+    fn has_slot_room(&self, w: usize) -> bool {
+        let s = &self.slots[w];
+        s.connected && s.inflight.len() < self.params.inflight
+    }
+
+    /// Whether worker `w` may take a piece now, by the counts.
+    fn has_room(&self, w: usize) -> bool {
+        self.has_slot_room(w) && {
+            let r = self.slots[w].rank;
+            self.rank_inflight[r] < self.budget(r)
+        }
+    }
+
+    // ---- the reader ----------------------------------------------------
+
+    /// Whether the reader may admit another chunk: the input read and not
+    /// yet written by the receiver is less than `window` feet.
+    pub fn room_for_input(&self) -> bool {
+        let ahead = self.bytes_read - self.bytes_delivered;
+        ahead < u64::from(self.params.window) * self.params.foot_size as u64
+    }
+
+    /// Adds a chunk read from the input; `end` marks the last one (which may
+    /// be empty). The reader calls it only while [`Self::room_for_input`].
+    pub fn admit(&mut self, data: Shared, end: bool, now: Instant) {
+        debug_assert!(!self.input_done, "input admitted after its end");
+        self.bytes_read += data.len() as u64;
+        self.unsent_bytes += data.len() as u64;
+        self.unsent.push_back(Chunk { data, since: now });
+        self.input_done |= end;
+        self.wake_with_room();
+        self.settle(now);
+    }
+
+    // ---- the workers -----------------------------------------------------
+
+    /// Whether worker `w`'s connection is up.
+    pub fn is_connected(&self, w: usize) -> bool {
+        self.slots[w].connected
+    }
+
+    /// The scheduling rule: where worker `w`'s next piece would come from,
+    /// if it may have one now.
+    fn pick(&self, w: usize, now: Instant) -> Option<Take> {
+        if self.finished || !self.has_room(w) {
+            return None;
+        }
+        let first_queued = self.queue.keys().next().copied();
+        if first_queued.is_none() && !self.can_cut() {
+            return None;
+        }
+        if self.input_done && self.faster_finish_first(w) {
+            return None;
+        }
+        let me = self.slots[w].rank;
+        let in_grace = now < self.grace_until;
+        let better_first = (0..self.slots.len()).any(|o| {
+            let s = &self.slots[o];
+            s.rank < me && (self.has_slot_room(o) || (s.first_attempt && in_grace))
+        });
+        if !better_first {
+            return Some(first_queued.map_or(Take::Cut, Take::Queued));
+        }
+        // A better rank has room: only what has waited long enough for it.
+        if let Some((&id, _)) = self
+            .queue
+            .iter()
+            .find(|(_, &since)| now >= since + SPILL_PATIENCE)
+        {
+            return Some(Take::Queued(id));
+        }
+        let front_waited = self
+            .unsent
+            .front()
+            .is_some_and(|c| now >= c.since + SPILL_PATIENCE);
+        (first_queued.is_none() && self.can_cut() && front_waited).then_some(Take::Cut)
+    }
+
+    /// Whether worker `w` could be handed a piece now (no state changes).
+    pub fn can_send(&self, w: usize, now: Instant) -> bool {
+        self.pick(w, now).is_some()
+    }
+
+    /// Hands worker `w` its next piece, if the rule allows one now.
+    pub fn poll_send(&mut self, w: usize, now: Instant) -> Option<Arc<Foot>> {
+        let id = match self.pick(w, now)? {
+            Take::Queued(id) => {
+                self.queue.remove(&id);
+                id
+            }
+            Take::Cut => self.cut(w),
+        };
+        let foot = Arc::clone(&self.held[&id]);
+        let slot = &mut self.slots[w];
+        if slot.inflight.is_empty() {
+            // The silence clock starts when the connection has work.
+            slot.heard = now;
+        }
+        slot.inflight.push((id, now, foot.data.len()));
+        self.rank_inflight[slot.rank] += foot.data.len() as u64;
+        self.settle(now);
+        Some(foot)
+    }
+
+    /// The size of the next piece cut for worker `w`.
+    fn piece_len(&self, w: usize) -> usize {
+        let mut size = self.slots[w].piece;
+        if self.input_done {
+            let share = self.unsent_bytes as usize / (self.params.inflight * self.connected.max(1));
+            size = size.min(share.max(MIN_TAIL));
+        }
+        size.max(1)
+    }
+
+    /// Cuts the next piece off the unsent input and holds it; returns its id.
+    fn cut(&mut self, w: usize) -> u64 {
+        let size = self.piece_len(w);
+        let front = self.unsent.front_mut().expect("cut checked unsent input");
+        // No sliver is left behind: a front a little over the size goes whole.
+        let data = if front.data.len() <= size + size / 4 {
+            self.unsent.pop_front().expect("front exists").data
+        } else {
+            front.data.split_to(size)
+        };
+        // The end chunk may be empty: it goes with the piece before it.
+        while self.unsent.front().is_some_and(|c| c.data.is_empty()) {
+            self.unsent.pop_front();
+        }
+        self.unsent_bytes -= data.len() as u64;
+        let id = self.next_id;
+        self.next_id += 1;
+        let end = self.input_done && self.unsent.is_empty();
+        self.end_cut |= end;
+        let offset = self.ends.back().copied().unwrap_or(self.bytes_delivered);
+        self.ends.push_back(offset + data.len() as u64);
+        self.held.insert(id, Arc::new(Foot { id, data, end }));
+        id
+    }
+
+    /// At the end of the input: whether the connections markedly faster
+    /// than `w` would carry everything left before `w` could carry one more
+    /// piece. Then `w` leaves them the rest; a piece given to a slow path at
+    /// the end would be the last to arrive, and the transfer would wait for it.
+    fn faster_finish_first(&self, w: usize) -> bool {
+        let me = &self.slots[w];
+        let Some(my_rate) = me.rate else {
+            return false;
+        };
+        let next = self.piece_len(w) as f64;
+        let mine = (me.inflight_bytes() as f64 + next) / my_rate;
+        let queued: u64 = self
+            .queue
+            .keys()
+            .map(|id| self.held[id].data.len() as u64)
+            .sum();
+        let (mut rate, mut bytes) = (0.0, (queued + self.unsent_bytes) as f64);
+        for (j, o) in self.slots.iter().enumerate() {
+            match o.rate {
+                Some(r) if j != w && o.connected && r > 2.0 * my_rate => {
+                    rate += r;
+                    bytes += o.inflight_bytes() as f64;
+                }
+                _ => {}
+            }
+        }
+        rate > 0.0 && bytes / rate < mine
+    }
+
+    // ---- what the connections report -------------------------------------
+
+    /// A sign of progress on worker `w`'s connection.
+    fn heard(&mut self, w: usize, now: Instant) {
+        let slot = &mut self.slots[w];
+        if !slot.inflight.is_empty() {
+            let sample = now.saturating_duration_since(slot.heard);
+            slot.gap = Some(match slot.gap {
+                // Quick to learn that a connection is irregular, slow to
+                // forget it.
+                Some(g) if sample > g => (g + sample) / 2,
+                Some(g) => (g * 7 + sample) / 8,
+                None => sample,
+            });
+        }
+        slot.heard = now;
+        self.motion = now;
+    }
+
+    /// The receiver has had `bytes` in all on worker `w`'s connection.
+    pub fn progress(&mut self, w: usize, bytes: u64, now: Instant) {
+        let slot = &mut self.slots[w];
+        if slot.connected && bytes > slot.progress {
+            slot.progress = bytes;
+            self.heard(w, now);
+            self.settle(now);
+        }
+    }
+
+    /// The receiver has piece `id` (on worker `w`'s connection).
+    pub fn ack(&mut self, w: usize, id: u64, now: Instant) {
+        let r = self.slots[w].rank;
+        let was_limited = self.rank_inflight[r] >= self.budget(r);
+        let slot = &mut self.slots[w];
+        if let Some(at) = slot.inflight.iter().position(|&(i, _, _)| i == id) {
+            let (_, handed, len) = slot.inflight.remove(at);
+            self.rank_inflight[r] -= len as u64;
+            // The piece's service began when it was handed out, or when the
+            // one before it on this connection was acknowledged.
+            let start = slot.last_ack.map_or(handed, |a| a.max(handed));
+            let service = now.saturating_duration_since(start).as_secs_f64().max(1e-6);
+            let sample = len as f64 / service;
+            slot.rate = Some(slot.rate.map_or(sample, |r| (r * 3.0 + sample) / 4.0));
+            let took = now.saturating_duration_since(handed);
+            if took < GROW_BELOW && len * 2 > slot.piece {
+                slot.piece = (slot.piece * 2).min(self.params.foot_size);
+            } else if took > SHRINK_ABOVE {
+                slot.piece = (slot.piece / 2).max(MIN_PIECE.min(self.params.foot_size));
+            }
+            slot.last_ack = Some(now);
+        }
+        self.held.remove(&id);
+        self.queue.remove(&id);
+        self.heard(w, now);
+        if self.input_done || was_limited {
+            // The end-of-input rule weighs every connection's pace, and a
+            // rank at its budget may have room for several now.
+            self.wake_with_room();
+        } else {
+            self.wake(w);
+        }
+        self.settle(now);
+    }
+
+    /// The receiver has written every piece below `delivered`. Returns false
+    /// (and changes nothing) if that is more than was ever sent: a receiver
+    /// that claims so is broken or lying.
+    pub fn advance(&mut self, delivered: u64, now: Instant) -> bool {
+        if delivered <= self.delivered {
+            return true;
+        }
+        if delivered > self.next_id {
+            return false;
+        }
+        let written = (delivered - self.delivered) as usize;
+        self.bytes_delivered = self
+            .ends
+            .drain(..written)
+            .next_back()
+            .expect("ends cover the ids");
+        self.delivered = delivered;
+        self.held = self.held.split_off(&delivered);
+        self.queue = self.queue.split_off(&delivered);
+        let mut freed = false;
+        for slot in &mut self.slots {
+            let before = slot.inflight.len();
+            let (keep, gone): (Vec<_>, Vec<_>) =
+                slot.inflight.iter().partition(|&&(i, _, _)| i >= delivered);
+            slot.inflight = keep;
+            self.rank_inflight[slot.rank] -= gone.iter().map(|&(_, _, l)| l as u64).sum::<u64>();
+            freed |= slot.inflight.len() < before;
+        }
+        self.motion = now;
+        self.effects.reader = true;
+        if freed || self.can_cut() {
+            self.wake_with_room();
+        }
+        if self.end_cut && self.delivered == self.next_id {
+            // Everything, the end included, is written.
+            self.finish(Ok(self.bytes_delivered));
+        }
+        self.settle(now);
+        true
+    }
+
+    /// Worker `w` has a working connection.
+    pub fn connected(&mut self, w: usize, now: Instant) {
+        let slot = &mut self.slots[w];
+        slot.first_attempt = false;
+        slot.heard = now;
+        slot.progress = 0;
+        slot.last_ack = None;
+        if !slot.connected {
+            slot.connected = true;
+            self.connected += 1;
+            self.lost_since = None;
+        }
+        self.wake_all();
+        self.settle(now);
+    }
+
+    /// Worker `w`'s attempt to connect failed.
+    pub fn attempt_failed(&mut self, w: usize, now: Instant) {
+        self.slots[w].first_attempt = false;
+        self.wake_all();
+        self.settle(now);
+    }
+
+    /// Worker `w` lost its connection: its unacknowledged pieces are queued
+    /// for the others. Safe to call more than once.
+    pub fn disconnected(&mut self, w: usize, now: Instant) {
+        if self.disconnect(w, now) {
+            self.wake_all();
+        }
+        self.settle(now);
+    }
+
+    fn disconnect(&mut self, w: usize, now: Instant) -> bool {
+        let slot = &mut self.slots[w];
+        if !slot.connected {
+            return false;
+        }
+        slot.connected = false;
+        self.connected -= 1;
+        if self.connected == 0 {
+            self.lost_since = Some(now);
+        }
+        let lost = std::mem::take(&mut slot.inflight);
+        for (id, _, len) in lost {
+            self.rank_inflight[slot.rank] -= len as u64;
+            if self.held.contains_key(&id) {
+                self.queue.insert(id, now);
+                self.retransmits += 1;
+            }
+        }
+        true
+    }
+
+    /// No slot is on a first connection attempt (when the receiver dials).
+    pub fn skip_first_attempts(&mut self) {
+        for slot in &mut self.slots {
+            slot.first_attempt = false;
+        }
+    }
+
+    // ---- time --------------------------------------------------------------
+
+    /// When [`Self::handle_timeout`] must next be called; `None`: only after
+    /// some other change.
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Instant> {
+        let at = self.next_deadline(now);
+        self.armed = at;
+        at
+    }
+
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        let timeout = self.params.reconnect_timeout;
+        let stalls = self
+            .slots
+            .iter()
+            .filter(|s| s.connected && !s.inflight.is_empty())
+            .map(|s| s.heard + s.stall_limit());
+        let lost = self.lost_since.map(|t| t + timeout);
+        let stuck = self.stuck.then(|| self.motion + timeout);
+        // Waits that end by themselves matter only where a worse rank waits.
+        let ranked = self.ranks > 1;
+        let grace = (ranked && now < self.grace_until).then_some(self.grace_until);
+        let patience = ranked
+            .then(|| {
+                let queued = self.queue.values().copied();
+                let front = self.unsent.front().map(|c| c.since);
+                queued
+                    .chain(front)
+                    .map(|since| since + SPILL_PATIENCE)
+                    .filter(|&t| t > now)
+                    .min()
+            })
+            .flatten();
+        stalls
+            .chain(lost)
+            .chain(stuck)
+            .chain(grace)
+            .chain(patience)
+            .min()
+    }
+
+    /// Closes the connections that have stalled, gives up when it is time,
+    /// and wakes the workers whose waits have ended.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.finished {
+            return;
+        }
+        let mut closed = false;
+        for w in 0..self.slots.len() {
+            let s = &self.slots[w];
+            if s.connected
+                && !s.inflight.is_empty()
+                && now.saturating_duration_since(s.heard) > s.stall_limit()
+            {
+                log::info!(
+                    "worker {w}: nothing received for {:.1} s: connection stalled, reconnecting",
+                    now.saturating_duration_since(s.heard).as_secs_f64()
+                );
+                self.disconnect(w, now);
+                self.effects.close.push(w);
+                self.stalls += 1;
+                closed = true;
+            }
+        }
+        let timeout = self.params.reconnect_timeout;
+        let why = self
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no connection".into());
+        if self.lost_since.is_some_and(|t| now >= t + timeout) {
+            self.finish(Err(Error::GaveUp(format!(
+                "no connection to the receiver for {} s, giving up (last error: {why})",
+                timeout.as_secs()
+            ))));
+        } else if self.stuck && now >= self.motion + timeout {
+            self.finish(Err(Error::GaveUp(format!(
+                "nothing delivered for {} s although connections were made, giving up (last error: {why})",
+                timeout.as_secs()
+            ))));
+        }
+        if closed {
+            self.wake_all();
+        } else {
+            // A spill patience or the start's grace ended.
+            self.wake_with_room();
+        }
+        self.settle(now);
+    }
+
+    /// Bookkeeping after every change: whether work became outstanding, and
+    /// whether the timer thread must look again.
+    fn settle(&mut self, now: Instant) {
+        let stuck = !self.held.is_empty() || self.can_cut();
+        if stuck && !self.stuck {
+            self.motion = now;
+        }
+        self.stuck = stuck;
+        let next = self.next_deadline(now);
+        if next.is_some_and(|n| self.armed.is_none_or(|a| n < a)) || self.finished {
+            self.effects.timer = true;
+        }
+    }
+
+    // ---- the end -----------------------------------------------------------
+
+    /// Remembers why the latest connection attempt failed, for the message
+    /// given if the transfer is abandoned.
+    pub fn note_error(&mut self, e: String) {
+        self.last_error = Some(e);
+    }
+
+    /// Ends the transfer: `Ok(bytes)` when rx confirmed everything, or the
+    /// error that stopped it. The first outcome wins.
+    pub fn finish(&mut self, outcome: Result<u64, Error>) {
+        if !self.finished {
+            self.finished = true;
+            self.outcome = Some(outcome);
+            self.wake_all();
+        }
+    }
+
+    /// Whether the transfer is over.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The outcome, once (after [`Self::finish`]).
+    pub fn take_outcome(&mut self) -> Option<Result<u64, Error>> {
+        self.outcome.take()
+    }
+
+    /// Counters for reports.
+    pub fn snapshot(&self) -> Snapshot {
+        let foot = self.params.foot_size.max(1) as u64;
+        let queued_chunks = self.unsent_bytes.div_ceil(foot) as usize;
+        Snapshot {
+            ahead: (self.bytes_read - self.bytes_delivered).div_ceil(foot),
+            held: self.held.len(),
+            queued: self.queue.len() + queued_chunks,
+            delivered: self.delivered,
+            delivered_bytes: self.bytes_delivered,
+            retransmits: self.retransmits,
+            stalls: self.stalls,
+            inflight: self.slots.iter().map(|s| s.inflight.len()).collect(),
+            piece: self.slots.iter().map(|s| s.piece).collect(),
+            connected: self.connected,
+        }
+    }
+
+    /// The window, in feet.
+    pub fn window(&self) -> u64 {
+        u64::from(self.params.window)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FOOT: usize = 2 << 20;
+
+    fn params(window: u32, inflight: usize) -> Params {
+        Params {
+            window,
+            foot_size: FOOT,
+            inflight,
+            reconnect_timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// `len` bytes, each telling where it stands in the input from `at`.
+    fn chunk(at: usize, len: usize) -> Shared {
+        let v: Vec<u8> = (at..at + len).map(|i| (i % 251) as u8).collect();
+        v.into()
+    }
+
+    fn sched(window: u32, inflight: usize, ranks: &[usize], t0: Instant) -> Schedule {
+        let mut s = Schedule::new(params(window, inflight), ranks, t0);
+        for w in 0..ranks.len() {
+            s.connected(w, t0);
+        }
+        s
+    }
+
+    fn send(s: &mut Schedule, w: usize, now: Instant) -> Arc<Foot> {
+        s.poll_send(w, now)
+            .unwrap_or_else(|| panic!("worker {w} was given nothing"))
+    }
+
+    #[test]
+    fn pieces_start_small_and_grow_while_they_come_back_quickly() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0], t0);
+        for i in 0..8 {
+            s.admit(chunk(i * FOOT, FOOT), false, t0);
+        }
+        let mut sizes = Vec::new();
+        let mut now = t0;
+        for _ in 0..8 {
+            let f = send(&mut s, 0, now);
+            sizes.push(f.data.len());
+            now += Duration::from_millis(10);
+            s.ack(0, f.id, now);
+        }
+        assert_eq!(sizes[0], INITIAL_PIECE);
+        assert!(sizes.windows(2).all(|p| p[1] >= p[0]), "{sizes:?}");
+        assert_eq!(*sizes.last().unwrap(), FOOT, "{sizes:?}");
+    }
+
+    #[test]
+    fn pieces_shrink_on_a_connection_that_takes_long() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 1, &[0], t0);
+        s.admit(chunk(0, FOOT), false, t0);
+        let f = send(&mut s, 0, t0);
+        s.ack(0, f.id, t0 + SHRINK_ABOVE * 2);
+        let g = send(&mut s, 0, t0 + SHRINK_ABOVE * 2);
+        assert_eq!(g.data.len(), INITIAL_PIECE / 2);
+    }
+
+    #[test]
+    fn lost_pieces_are_resent_lowest_first() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0, 0], t0);
+        s.admit(chunk(0, FOOT), false, t0);
+        let a = send(&mut s, 0, t0).id;
+        let b = send(&mut s, 0, t0).id;
+        let c = send(&mut s, 1, t0).id;
+        assert_eq!((a, b, c), (0, 1, 2));
+        s.disconnected(0, t0);
+        assert!(!s.is_connected(0));
+        assert_eq!(send(&mut s, 1, t0).id, 0);
+        s.ack(1, 2, t0);
+        assert_eq!(send(&mut s, 1, t0).id, 1);
+        assert_eq!(s.snapshot().retransmits, 2);
+    }
+
+    #[test]
+    fn a_worse_rank_waits_while_a_better_one_has_room_then_spills() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 1, &[0, 1], t0);
+        s.admit(chunk(0, FOOT), false, t0);
+        assert!(!s.can_send(1, t0), "rank 0 has room");
+        assert_eq!(send(&mut s, 0, t0).id, 0);
+        assert!(s.can_send(1, t0), "rank 0 is full");
+        // A rank 0 with room by the count, whose worker does not take the
+        // piece: after the patience, rank 1 may.
+        let mut s = sched(64, 1, &[0, 1], t0);
+        s.admit(chunk(0, FOOT), false, t0);
+        assert_eq!(s.poll_timeout(t0), Some(t0 + SPILL_PATIENCE));
+        s.handle_timeout(t0 + SPILL_PATIENCE);
+        assert!(s.take_effects().wake.contains(&1));
+        assert!(s.can_send(1, t0 + SPILL_PATIENCE));
+    }
+
+    #[test]
+    fn a_better_rank_still_connecting_holds_back_the_next_one() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(params(8, 1), &[0, 1], t0);
+        s.connected(1, t0);
+        s.admit(chunk(0, 1000), false, t0);
+        assert!(!s.can_send(1, t0), "rank 0 is on its first attempt");
+        s.attempt_failed(0, t0);
+        assert!(s.can_send(1, t0));
+    }
+
+    #[test]
+    fn the_start_budget_holds_back_most_connections_until_the_path_shows_its_rate() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0; 16], t0);
+        for i in 0..16 {
+            s.admit(chunk(i * FOOT, FOOT), false, t0);
+        }
+        let mut given = 0;
+        for w in 0..16 {
+            while s.poll_send(w, t0).is_some() {
+                given += 1;
+            }
+        }
+        assert_eq!(given as u64, START_BUDGET / INITIAL_PIECE as u64);
+        // The first acknowledgements show a fast path: everyone may go
+        // (worker 1 still has its two pieces).
+        let later = t0 + Duration::from_millis(5);
+        s.ack(0, 0, later);
+        s.ack(0, 1, later);
+        assert!((0..16).all(|w| w == 1 || s.can_send(w, later)));
+    }
+
+    #[test]
+    fn a_slow_connection_is_never_stalled_while_bytes_move() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0], t0);
+        s.admit(chunk(0, FOOT), false, t0);
+        send(&mut s, 0, t0);
+        let mut now = t0;
+        for i in 1..=100 {
+            now = t0 + Duration::from_secs(i);
+            s.progress(0, i * 100, now);
+            s.handle_timeout(now);
+            assert!(s.take_effects().close.is_empty(), "closed after {i} s");
+        }
+        // Silence, then: closed once its usual gap has passed many times.
+        let deadline = s.poll_timeout(now).expect("a stall deadline");
+        assert!(deadline > now + STALL_MIN);
+        s.handle_timeout(deadline + Duration::from_millis(1));
+        assert_eq!(s.take_effects().close, vec![0]);
+        assert!(!s.is_connected(0));
+        assert_eq!(s.snapshot().stalls, 1);
+    }
+
+    #[test]
+    fn reconnecting_forever_is_not_progress() {
+        let t0 = Instant::now();
+        let mut p = params(64, 2);
+        p.reconnect_timeout = Duration::from_secs(30);
+        let mut s = Schedule::new(p, &[0], t0);
+        s.admit(chunk(0, FOOT), false, t0);
+        let mut now = t0;
+        // Connects, is given a piece, is lost; again and again.
+        while !s.is_finished() {
+            now += Duration::from_secs(1);
+            s.connected(0, now);
+            s.poll_send(0, now);
+            s.disconnected(0, now);
+            s.handle_timeout(now);
+            assert!(now < t0 + Duration::from_secs(40), "never gave up");
+        }
+        match s.take_outcome() {
+            Some(Err(Error::GaveUp(m))) => assert!(m.contains("nothing delivered"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_idle_input_is_not_a_stall() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0], t0);
+        s.admit(chunk(0, 1000), false, t0);
+        let f = send(&mut s, 0, t0);
+        s.ack(0, f.id, t0);
+        assert!(s.advance(1, t0));
+        assert_eq!(s.poll_timeout(t0), None, "nothing to wait for");
+        // Input arrives an hour later: the clocks start then.
+        let later = t0 + Duration::from_secs(3600);
+        s.admit(chunk(1000, 1000), false, later);
+        let f = send(&mut s, 0, later);
+        assert!(s.poll_timeout(later).unwrap() > later);
+        s.handle_timeout(later);
+        assert!(!s.is_finished());
+        assert_eq!(f.id, 1);
+    }
+
+    #[test]
+    fn the_end_of_the_input_goes_in_shrinking_pieces_and_ends_once() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0], t0);
+        // Grow the connection's pieces to whole feet first.
+        s.admit(chunk(0, 7 * FOOT + FOOT / 2), true, t0);
+        let mut got = Vec::new();
+        let mut sizes = Vec::new();
+        let mut now = t0;
+        loop {
+            let f = send(&mut s, 0, now);
+            assert_eq!(f.id, sizes.len() as u64, "ids run on without a gap");
+            got.extend_from_slice(&f.data);
+            sizes.push(f.data.len());
+            now += Duration::from_millis(1);
+            s.ack(0, f.id, now);
+            assert!(s.advance(f.id + 1, now));
+            if f.end {
+                break;
+            }
+        }
+        let want = chunk(0, 7 * FOOT + FOOT / 2);
+        assert!(got[..] == want[..], "the pieces put together are the input");
+        let big = sizes.iter().position(|&n| n == FOOT).expect("whole feet");
+        assert!(sizes[big..].windows(2).all(|p| p[1] <= p[0]), "{sizes:?}");
+        assert!(sizes.last().unwrap() <= &MIN_TAIL, "{sizes:?}");
+        assert_eq!(s.take_outcome().unwrap().unwrap(), want.len() as u64);
+    }
+
+    #[test]
+    fn the_window_bounds_ids_and_read_ahead() {
+        let t0 = Instant::now();
+        let mut s = sched(4, 8, &[0], t0);
+        let mut admitted = 0u64;
+        while s.room_for_input() {
+            s.admit(chunk(0, 1000), false, t0);
+            admitted += 1000;
+        }
+        let bound = 4 * FOOT as u64;
+        assert!(admitted >= bound && admitted - 1000 < bound, "{admitted}");
+        for id in 0..4 {
+            assert_eq!(send(&mut s, 0, t0).id, id);
+        }
+        assert!(!s.can_send(0, t0), "ids 0 to 3 fill a window of four");
+        s.ack(0, 0, t0);
+        assert!(!s.can_send(0, t0), "acknowledged is not written");
+        assert!(s.advance(1, t0));
+        assert!(s.can_send(0, t0));
+        assert!(!s.advance(99, t0), "more than was sent");
+    }
+
+    #[test]
+    fn gives_up_without_connections_with_the_last_error() {
+        let t0 = Instant::now();
+        let mut p = params(2, 2);
+        p.reconnect_timeout = Duration::from_millis(10);
+        let mut s = Schedule::new(p, &[0], t0);
+        s.note_error("connect: refused".into());
+        let at = s.poll_timeout(t0).unwrap();
+        s.handle_timeout(at);
+        match s.take_outcome() {
+            Some(Err(Error::GaveUp(m))) => assert!(m.contains("refused"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.take_effects().timer);
+    }
+}
