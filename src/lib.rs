@@ -23,6 +23,8 @@ pub mod reorder;
 pub mod report;
 pub mod rx;
 pub mod signals;
+#[cfg(test)]
+mod sim;
 pub mod stats;
 pub mod tx;
 pub mod wire;

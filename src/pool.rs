@@ -31,6 +31,17 @@ impl Pool {
         Pool { put, get, capacity }
     }
 
+    /// A buffer for `len` bytes: the pool's, when `len` is most of its
+    /// capacity; otherwise one of its own of just that size, so small
+    /// pieces do not each hold a whole foot of memory.
+    pub fn take_for(&self, len: usize) -> Buffer {
+        if len > self.capacity / 2 {
+            self.take()
+        } else {
+            Buffer::default()
+        }
+    }
+
     /// An empty buffer with the pool's capacity, reused when one is free.
     pub fn take(&self) -> Buffer {
         let data = self
@@ -125,6 +136,15 @@ impl Buffer {
     /// Keeps only the first `n` bytes of the content.
     pub fn truncate(&mut self, n: usize) {
         self.len = self.len.min(n);
+    }
+
+    /// The content in a buffer of its own size when it uses less than half
+    /// of this one's memory (this one goes back to its pool).
+    pub fn compact(self) -> Buffer {
+        if self.len > self.data.len() / 2 {
+            return self;
+        }
+        Buffer::from(self.to_vec())
     }
 
     /// The content, for decrypting in place.

@@ -331,6 +331,18 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     }
 }
 
+/// Asserts that `got` is the start of `want`: what a receiver stopped
+/// mid-stream may have written, never anything else.
+pub fn assert_prefix(got: &[u8], want: &[u8], what: &str) {
+    assert!(
+        got.len() <= want.len(),
+        "{what}: {} bytes written of a {}-byte input",
+        got.len(),
+        want.len()
+    );
+    assert_same(got, &want[..got.len()], what);
+}
+
 /// What the fault proxy does to one connection's sender-to-receiver bytes.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Fault {

@@ -22,6 +22,18 @@ pub const MAX_WINDOW: u32 = 4096;
 /// is the receiver's memory bound for its reorder buffer.
 pub const MAX_WINDOW_BYTES: u64 = 4 << 30;
 
+/// Piece ids may run this many times the window (in feet) ahead of the
+/// receiver's written position. Pieces are often smaller than a foot (a slow
+/// connection's, or the end of the input), and memory is bounded by bytes,
+/// a window of feet, not by ids: a slow path's small pieces must not hold
+/// up a fast one for want of ids.
+pub const IDS_PER_FOOT: u64 = 4;
+
+/// How far ahead of the written position a piece id may be, for `window`.
+pub fn id_window(window: u32) -> u64 {
+    IDS_PER_FOOT * u64::from(window)
+}
+
 /// The longest human-readable message carried in a reply or abort frame.
 pub const MAX_MESSAGE: usize = 1024;
 

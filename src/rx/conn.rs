@@ -262,6 +262,19 @@ fn authenticate(
     Ok((tx_nonce, rx_nonce))
 }
 
+/// Bytes counted as buffered for a foot being read: released again if the
+/// foot never reaches the sequencer.
+struct Reserved<'a> {
+    state: &'a State,
+    bytes: u64,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.state.release(self.bytes);
+    }
+}
+
 /// Counts the bytes arriving on a connection and reports them to the
 /// sender every so often, so a connection is seen to move while a foot is
 /// still arriving.
@@ -340,18 +353,30 @@ fn receive(
                 h.kind
             )));
         }
-        // Flow control promises every foot lies inside the window; anything
-        // beyond it would grow the reorder buffer without bound.
+        // Flow control promises every foot lies inside the window, in ids
+        // and in bytes; anything beyond it would grow the reorder buffer
+        // without bound.
         let delivered = state.delivered.load(Ordering::Acquire);
-        if h.id >= delivered + u64::from(session.window) {
+        let ids = crate::protocol::id_window(session.window);
+        if h.id >= delivered + ids {
             return Err(violation(format!(
-                "foot {} is outside the window ({} feet from {delivered})",
+                "foot {} is outside the window ({ids} ids from {delivered})",
+                h.id
+            )));
+        }
+        if !state.reserve(session, u64::from(h.len)) {
+            return Err(violation(format!(
+                "foot {} is beyond the window: more than {} feet of bytes are waiting",
                 h.id, session.window
             )));
         }
+        let mut reserved = Reserved {
+            state,
+            bytes: u64::from(h.len),
+        };
         // A sealed foot that fails to open ends here, never written: the
         // connection is dropped and tx sends the foot again.
-        let mut data = pool.take();
+        let mut data = pool.take_for(h.len as usize);
         let before = reader.wire_bytes();
         reader.payload(&h, &mut data)?;
         conn.link
@@ -374,10 +399,19 @@ fn receive(
                         h.id
                     ))
                 })?;
-            data = plain;
+            let grown = (plain.len() as u64).saturating_sub(u64::from(h.len));
+            if !state.reserve(session, grown) {
+                return Err(violation(format!(
+                    "foot {} inflates beyond the window",
+                    h.id
+                )));
+            }
+            data = plain.compact();
         }
         let len = data.len();
         state.arrived.fetch_add(1, Ordering::Relaxed);
+        // From here the sequencer releases what the foot holds.
+        reserved.bytes = 0;
         if feet
             .send(Arrived {
                 id: h.id,

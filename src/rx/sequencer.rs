@@ -24,12 +24,14 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
     let mut digest = Xxh3Default::new();
     let mut end: Option<u64> = None;
     for foot in feet {
+        let len = foot.data.len() as u64;
         if end.is_some_and(|e| foot.id > e) {
             log::warn!(
                 "foot {} arrived after the end of the stream (foot {}); dropped",
                 foot.id,
                 end.unwrap_or(0)
             );
+            state.release(len);
             continue;
         }
         if foot.end {
@@ -37,6 +39,7 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
         }
         if reorder.push(foot.id, foot.data, foot.end) == Pushed::Duplicate {
             state.duplicates.fetch_add(1, Ordering::Relaxed);
+            state.release(len);
             continue;
         }
         let before = reorder.next();
@@ -63,6 +66,7 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
             state
                 .written
                 .fetch_add(ready.data.len() as u64, Ordering::Relaxed);
+            state.release(ready.data.len() as u64);
             state.delivered.store(ready.id + 1, Ordering::Release);
             if ready.end {
                 state.reorder_feet.store(reorder.len(), Ordering::Relaxed);

@@ -70,6 +70,8 @@ pub struct State {
     pub checksummed: AtomicBool,
     /// Connections still in their handshake.
     pub handshaking: AtomicUsize,
+    /// Payload bytes received and not yet written or dropped.
+    buffered: AtomicU64,
     /// Throughput clock.
     pub clock: Clock,
     pool: OnceLock<Pool>,
@@ -123,6 +125,7 @@ impl State {
             reorder_feet: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             handshaking: AtomicUsize::new(0),
+            buffered: AtomicU64::new(0),
             checksummed: AtomicBool::new(false),
             clock: Clock::new(),
             pool: OnceLock::new(),
@@ -223,6 +226,26 @@ impl State {
             Progress::Complete(bytes) => Admission::Complete(bytes),
             Progress::Failed(msg) => reject(Reason::Failed, msg),
         }
+    }
+
+    /// Counts `bytes` more received and not yet written; false (counting
+    /// nothing) if that is more than an honest sender can have on its way:
+    /// a window of feet, one more being read, and one per connection resent
+    /// after a reconnect.
+    pub fn reserve(&self, session: Session, bytes: u64) -> bool {
+        let foot = u64::from(session.foot_size);
+        let limit = (u64::from(session.window) + 2 + self.connections().len() as u64) * foot;
+        let before = self.buffered.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > limit {
+            self.buffered.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// `bytes` counted by [`State::reserve`] were written or dropped.
+    pub fn release(&self, bytes: u64) {
+        self.buffered.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// The session's foot buffers: as many as the window holds, so the

@@ -20,7 +20,8 @@
 //! keeps its id and bytes until the receiver has it.
 //!
 //! **Who gets a piece.** A connection may take one while it has fewer than
-//! `inflight` unacknowledged, and while its destination (its *rank*) has
+//! `inflight` unacknowledged (or less than it delivers in [`CONN_TIME`]:
+//! small feet on a long fat path), and while its destination (its *rank*) has
 //! fewer unacknowledged bytes than it has shown it can deliver in
 //! [`BUDGET_TIME`] (at least [`START_BUDGET`]): at the start, a few
 //! connections carry the first pieces, and more join as acknowledgements show
@@ -42,9 +43,10 @@
 //! is not progress, so it can never loop forever.
 //!
 //! **Flow control.** The reader may not run more than `window` feet of bytes
-//! ahead of what the receiver has written, and a piece is cut only while its
-//! id is below the receiver's written position plus `window`: that bounds
-//! memory on both sides. A lost connection's pieces go back to the queue at
+//! ahead of what the receiver has written, which bounds memory on both
+//! sides; a piece is cut only while its id is less than
+//! [`crate::protocol::IDS_PER_FOOT`] windows ahead, so a slow path's small
+//! pieces do not hold up a fast path for want of ids. A lost connection's pieces go back to the queue at
 //! once, lowest id first.
 //!
 //! **Effects.** What the shell must do after a call (wake a worker, the
@@ -88,6 +90,15 @@ pub const STALL_MIN: Duration = Duration::from_secs(2);
 pub const STALL_MAX: Duration = Duration::from_secs(30);
 /// A connection is stalled after this many of its usual gaps without a sign.
 const STALL_GAPS: u32 = 6;
+/// At the very end, an idle connection sends a copy of a piece lagging on
+/// another destination's connection only if the copy would arrive in less
+/// than this share of the time the original still needs.
+const COPY_GAIN: f64 = 0.5;
+/// Beyond `inflight` pieces, a connection may have what it delivers in this
+/// long unacknowledged: with small feet on a long fat path, two pieces do
+/// not fill the pipe. Longer than any round trip, so what a connection is
+/// allowed grows until its path, not the allowance, limits it.
+pub const CONN_TIME: f64 = 1.0;
 
 /// A numbered piece of the input.
 #[derive(Debug, PartialEq, Eq)]
@@ -146,6 +157,8 @@ pub struct Snapshot {
     pub retransmits: u64,
     /// Connections found stalled and closed.
     pub stalls: u64,
+    /// Pieces copied onto a faster path at the end.
+    pub copies: u64,
     /// Unacknowledged pieces per worker.
     pub inflight: Vec<usize>,
     /// Each worker's current piece size.
@@ -204,6 +217,8 @@ enum Take {
     Queued(u64),
     /// A new piece off the front of the unsent input.
     Cut,
+    /// A copy of a piece lagging on a much slower path, at the very end.
+    Copy(u64),
 }
 
 /// The scheduler of one transfer.
@@ -247,6 +262,9 @@ pub struct Schedule {
     outcome: Option<Result<u64, Error>>,
     retransmits: u64,
     stalls: u64,
+    /// Pieces sent a second time at the end, over a faster path.
+    copied: std::collections::BTreeSet<u64>,
+    copies: u64,
     effects: Effects,
     woken: Vec<bool>,
     /// The deadline the timer thread was last given.
@@ -300,6 +318,8 @@ impl Schedule {
             outcome: None,
             retransmits: 0,
             stalls: 0,
+            copied: Default::default(),
+            copies: 0,
             effects: Effects::default(),
             armed: None,
         }
@@ -330,7 +350,7 @@ impl Schedule {
 
     /// Wakes the workers that could take a piece now: only those with room.
     fn wake_with_room(&mut self) {
-        if !self.has_work() {
+        if !self.has_work() && !self.end_game() {
             return;
         }
         for w in 0..self.slots.len() {
@@ -340,6 +360,33 @@ impl Schedule {
         }
     }
 
+    /// A connection of worker `w`'s rank may have just lost its room (it
+    /// took a piece, or learnt it is slower), or the rank reached its
+    /// budget: the worse ranks waiting for it to be full may go now.
+    fn unblock_worse_ranks(&mut self, w: usize) {
+        let r = self.slots[w].rank;
+        if r + 1 < self.ranks && (!self.has_slot_room(w) || self.rank_saturated(r)) {
+            self.wake_with_room();
+        }
+    }
+
+    /// Whether rank `r` has shown a rate and has all of its budget
+    /// unacknowledged: more would only wait in its queues, so the worse
+    /// ranks may go.
+    fn rank_saturated(&self, r: usize) -> bool {
+        self.rank_inflight[r] >= self.budget(r)
+            && self
+                .slots
+                .iter()
+                .any(|s| s.rank == r && s.connected && s.rate.is_some())
+    }
+
+    /// Everything is cut and nothing waits for a connection: only copies
+    /// are left to hand out.
+    fn end_game(&self) -> bool {
+        self.input_done && self.unsent.is_empty() && self.queue.is_empty()
+    }
+
     /// Whether anything could be handed out: a queued piece, or input that
     /// may be cut.
     fn has_work(&self) -> bool {
@@ -347,7 +394,8 @@ impl Schedule {
     }
 
     fn can_cut(&self) -> bool {
-        !self.unsent.is_empty() && self.next_id < self.delivered + u64::from(self.params.window)
+        !self.unsent.is_empty()
+            && self.next_id < self.delivered + crate::protocol::id_window(self.params.window)
     }
 
     /// Unacknowledged bytes rank `r` may have.
@@ -361,10 +409,14 @@ impl Schedule {
         START_BUDGET.max((rate * BUDGET_TIME) as u64)
     }
 
-    /// Connected with fewer than `inflight` pieces unacknowledged.
+    /// Connected with fewer than `inflight` pieces unacknowledged, or less
+    /// than it delivers in [`CONN_TIME`].
     fn has_slot_room(&self, w: usize) -> bool {
         let s = &self.slots[w];
-        s.connected && s.inflight.len() < self.params.inflight
+        s.connected
+            && (s.inflight.len() < self.params.inflight
+                || s.rate
+                    .is_some_and(|r| (s.inflight_bytes() as f64) < r * CONN_TIME))
     }
 
     /// Whether worker `w` may take a piece now, by the counts.
@@ -411,7 +463,7 @@ impl Schedule {
         }
         let first_queued = self.queue.keys().next().copied();
         if first_queued.is_none() && !self.can_cut() {
-            return None;
+            return self.copy_for(w).map(Take::Copy);
         }
         if self.input_done && self.faster_finish_first(w) {
             return None;
@@ -420,7 +472,9 @@ impl Schedule {
         let in_grace = now < self.grace_until;
         let better_first = (0..self.slots.len()).any(|o| {
             let s = &self.slots[o];
-            s.rank < me && (self.has_slot_room(o) || (s.first_attempt && in_grace))
+            s.rank < me
+                && !self.rank_saturated(s.rank)
+                && (self.has_slot_room(o) || (s.first_attempt && in_grace))
         });
         if !better_first {
             return Some(first_queued.map_or(Take::Cut, Take::Queued));
@@ -440,6 +494,47 @@ impl Schedule {
         (first_queued.is_none() && self.can_cut() && front_waited).then_some(Take::Cut)
     }
 
+    /// At the very end: the lowest piece that, sent again by worker `w`,
+    /// would arrive well before it does on the slower connection of another
+    /// destination that carries it. A copy on the same destination would
+    /// only share one bottleneck with its original; over another path it
+    /// keeps the transfer from waiting for a slow link's last pieces while
+    /// a fast one sits idle.
+    fn copy_for(&self, w: usize) -> Option<u64> {
+        if !self.end_game() {
+            return None;
+        }
+        let me = &self.slots[w];
+        let mine = me.rate?;
+        let my_bytes = me.inflight_bytes() as f64;
+        let mut best: Option<u64> = None;
+        for o in self
+            .slots
+            .iter()
+            .filter(|o| o.connected && o.rank != me.rank)
+        {
+            let theirs = o.rate.unwrap_or(0.0);
+            let mut ahead = 0.0;
+            for &(id, _, len) in &o.inflight {
+                ahead += len as f64;
+                let left = if theirs > 0.0 {
+                    ahead / theirs
+                } else {
+                    f64::INFINITY
+                };
+                let copy = (my_bytes + len as f64) / mine;
+                if copy < COPY_GAIN * left
+                    && self.held.contains_key(&id)
+                    && !self.copied.contains(&id)
+                    && !me.inflight.iter().any(|&(i, _, _)| i == id)
+                {
+                    best = Some(best.map_or(id, |b: u64| b.min(id)));
+                }
+            }
+        }
+        best
+    }
+
     /// Whether worker `w` could be handed a piece now (no state changes).
     pub fn can_send(&self, w: usize, now: Instant) -> bool {
         self.pick(w, now).is_some()
@@ -453,6 +548,11 @@ impl Schedule {
                 id
             }
             Take::Cut => self.cut(w),
+            Take::Copy(id) => {
+                self.copied.insert(id);
+                self.copies += 1;
+                id
+            }
         };
         let foot = Arc::clone(&self.held[&id]);
         let slot = &mut self.slots[w];
@@ -462,6 +562,11 @@ impl Schedule {
         }
         slot.inflight.push((id, now, foot.data.len()));
         self.rank_inflight[slot.rank] += foot.data.len() as u64;
+        self.unblock_worse_ranks(w);
+        if self.end_game() {
+            // The last piece is out: the others may copy what lags.
+            self.wake_with_room();
+        }
         self.settle(now);
         Some(foot)
     }
@@ -584,6 +689,7 @@ impl Schedule {
         self.held.remove(&id);
         self.queue.remove(&id);
         self.heard(w, now);
+        self.unblock_worse_ranks(w);
         if self.input_done || was_limited {
             // The end-of-input rule weighs every connection's pace, and a
             // rank at its budget may have room for several now.
@@ -613,6 +719,7 @@ impl Schedule {
         self.delivered = delivered;
         self.held = self.held.split_off(&delivered);
         self.queue = self.queue.split_off(&delivered);
+        self.copied = self.copied.split_off(&delivered);
         let mut freed = false;
         for slot in &mut self.slots {
             let before = slot.inflight.len();
@@ -841,6 +948,7 @@ impl Schedule {
             delivered_bytes: self.bytes_delivered,
             retransmits: self.retransmits,
             stalls: self.stalls,
+            copies: self.copies,
             inflight: self.slots.iter().map(|s| s.inflight.len()).collect(),
             piece: self.slots.iter().map(|s| s.piece).collect(),
             connected: self.connected,
@@ -1082,7 +1190,7 @@ mod tests {
     #[test]
     fn the_window_bounds_ids_and_read_ahead() {
         let t0 = Instant::now();
-        let mut s = sched(4, 8, &[0], t0);
+        let mut s = sched(4, 64, &[0], t0);
         let mut admitted = 0u64;
         while s.room_for_input() {
             s.admit(chunk(0, 1000), false, t0);
@@ -1090,10 +1198,11 @@ mod tests {
         }
         let bound = 4 * FOOT as u64;
         assert!(admitted >= bound && admitted - 1000 < bound, "{admitted}");
-        for id in 0..4 {
+        let ids = crate::protocol::id_window(4);
+        for id in 0..ids {
             assert_eq!(send(&mut s, 0, t0).id, id);
         }
-        assert!(!s.can_send(0, t0), "ids 0 to 3 fill a window of four");
+        assert!(!s.can_send(0, t0), "ids 0 to 15 fill a window of four");
         s.ack(0, 0, t0);
         assert!(!s.can_send(0, t0), "acknowledged is not written");
         assert!(s.advance(1, t0));
