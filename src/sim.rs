@@ -270,6 +270,9 @@ struct Conn {
     /// In a retransmission timeout until then, and the next timeout.
     rto_until: Option<Duration>,
     rto: Duration,
+    /// A lost segment holds back what arrives after it until it is
+    /// repaired: the receiver gets all of it at once then.
+    hold_until: Duration,
     /// Since when nothing it sent has arrived (for the user timeout).
     silent_since: Option<Duration>,
     // The receiver's end of it.
@@ -813,11 +816,19 @@ impl Sim<'_> {
                     c.air.push_back((self.now + delay, seg));
                 }
                 c.unsent -= bytes;
-                // Random loss now and then ends in a timeout: a silence.
+                // A loss holds back what follows it for a round trip (a
+                // fast retransmission); now and then it ends in a timeout,
+                // a silence, and all that was held arrives at once.
                 if path.loss > 0.0 {
-                    let events = bytes as f64 / MSS * path.loss * RTO_SHARE;
-                    if self.rng.unit() < events {
-                        c.rto_until = Some(self.now + c.rto);
+                    let losses = bytes as f64 / MSS * path.loss;
+                    if self.rng.unit() < losses {
+                        let repaired = if self.rng.unit() < RTO_SHARE {
+                            c.rto_until = Some(self.now + c.rto);
+                            self.now + c.rto + path.rtt / 2
+                        } else {
+                            self.now + path.rtt
+                        };
+                        c.hold_until = c.hold_until.max(repaired);
                     }
                 }
             }
@@ -850,7 +861,8 @@ impl Sim<'_> {
             let mut arrived = false;
             let mut complete = Vec::new();
             let c = &mut self.conns[w];
-            while c.air.front().is_some_and(|(t, _)| *t <= self.now) {
+            let held = self.now < c.hold_until;
+            while !held && c.air.front().is_some_and(|(t, _)| *t <= self.now) {
                 let (_, seg) = c.air.pop_front().expect("checked");
                 arrived = true;
                 c.received += seg.len;
@@ -872,7 +884,7 @@ impl Sim<'_> {
                 c.told = Some(self.now);
             }
             let bytes = c.received;
-            let stuck = !arrived && (c.unsent > 0 || !c.air.is_empty());
+            let stuck = !arrived && !held && (c.unsent > 0 || !c.air.is_empty());
             let silent_since = if stuck {
                 Some(*c.silent_since.get_or_insert(self.now))
             } else {

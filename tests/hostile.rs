@@ -5,10 +5,10 @@
 //! library's own protocol module plays that part.
 
 use crate::util::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
-use viamillipede::protocol::{Header, Hello, Kind, Reply, Status, VERSION};
+use viamillipede::protocol::{Header, Kind, Status, VERSION};
 use viamillipede::wire;
 
 const FOOT: usize = 2 << 20;
@@ -40,41 +40,6 @@ fn finish(
     drop(feed);
     expect_delivered(&mut t, &mut r, &input, what);
     r
-}
-
-/// Reads until rx closes the connection; panics if it stays open.
-fn expect_closed(s: &mut TcpStream, within: Duration) -> Vec<u8> {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut got = Vec::new();
-    match s.read_to_end(&mut got) {
-        Ok(_) => got,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => got,
-        Err(e) => panic!("rx kept the connection open: {e}"),
-    }
-}
-
-fn hello(session: u8, foot_size: u32, window: u32) -> Vec<u8> {
-    let h = Hello {
-        flags: 0,
-        checkphrase: [0; 4],
-        session: [session; 16],
-        foot_size,
-        window,
-        worker: 0,
-        extension: Vec::new(),
-    };
-    let mut b = Vec::new();
-    h.encode(&mut b);
-    b
-}
-
-/// A raw sender: connects, says hello, returns the stream and rx's reply.
-fn join(port: u16, session: u8, foot_size: u32, window: u32) -> (TcpStream, Reply) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&hello(session, foot_size, window)).unwrap();
-    let reply = wire::read_reply(&mut s).expect("reply");
-    (s, reply)
 }
 
 #[test]

@@ -4,6 +4,7 @@
 #[path = "../benches/emulator.rs"]
 mod emulator;
 mod emulator_checks;
+mod ends;
 mod hostile;
 mod keywords;
 mod observe;

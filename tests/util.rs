@@ -13,6 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use viamillipede::protocol::{Hello, Reply};
+use viamillipede::wire;
 
 /// The longest any process in a test may run.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -204,6 +206,14 @@ impl Proc {
                 );
             }
         }
+    }
+
+    /// Waits up to `within` for the exit; None if it is still running.
+    pub fn exited_within(&mut self, within: Duration) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.exit.recv_timeout(within).ok();
+        }
+        self.status
     }
 
     /// Waits for the exit and returns the collected stdout.
@@ -518,4 +528,39 @@ fn forward(
         }
         sent += n as u64;
     }
+}
+
+/// Reads until rx closes the connection; panics if it stays open.
+pub fn expect_closed(s: &mut TcpStream, within: Duration) -> Vec<u8> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => got,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset) => got,
+        Err(e) => panic!("rx kept the connection open: {e}"),
+    }
+}
+
+pub fn hello(session: u8, foot_size: u32, window: u32) -> Vec<u8> {
+    let h = Hello {
+        flags: 0,
+        checkphrase: [0; 4],
+        session: [session; 16],
+        foot_size,
+        window,
+        worker: 0,
+        extension: Vec::new(),
+    };
+    let mut b = Vec::new();
+    h.encode(&mut b);
+    b
+}
+
+/// A raw sender: connects, says hello, returns the stream and rx's reply.
+pub fn join(port: u16, session: u8, foot_size: u32, window: u32) -> (TcpStream, Reply) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&hello(session, foot_size, window)).unwrap();
+    let reply = wire::read_reply(&mut s).expect("reply");
+    (s, reply)
 }

@@ -34,15 +34,21 @@ pub fn handle(
     events: &Sender<Event>,
     handshaking: super::Handshaking<'_>,
 ) {
-    let accepted = handshake(state, &mut stream, peer);
+    let outcome = handshake(state, &mut stream, peer);
     drop(handshaking);
     let Accepted {
         session,
         channel,
         checksums,
-    } = match accepted {
-        Some(s) => s,
-        None => {
+    } = match outcome {
+        Handshake::Serve(s) => *s,
+        Handshake::ToldComplete => {
+            // The sender knows now: rx need not wait for it any longer.
+            state.confirm();
+            let _ = events.send(Event::Confirmed);
+            return;
+        }
+        Handshake::Refused => {
             state.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -107,6 +113,16 @@ pub fn handle(
     let _ = events.send(Event::Closed(remaining));
 }
 
+/// How a handshake ended.
+enum Handshake {
+    /// Serve the connection.
+    Serve(Box<Accepted>),
+    /// The stream was complete, and the sender has been told so.
+    ToldComplete,
+    /// Refused or failed.
+    Refused,
+}
+
 /// What was agreed for an accepted connection.
 struct Accepted {
     session: Session,
@@ -118,13 +134,13 @@ struct Accepted {
 
 /// Reads and judges the hello, has the sender prove the key if there is
 /// one, and answers. Returns the session to serve and, when the connection
-/// is encrypted, its keys; None when the connection is not to be served.
-fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<Accepted> {
+/// is encrypted, its keys; or why it is not to be served.
+fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Handshake {
     let limit = state.config.handshake_timeout;
     if stream.set_read_timeout(Some(limit)).is_err()
         || stream.set_write_timeout(Some(limit)).is_err()
     {
-        return None;
+        return Handshake::Refused;
     }
     // One deadline for the whole handshake, however slowly the bytes drip.
     let deadline = Instant::now() + limit;
@@ -140,7 +156,7 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
             );
             log::warn!("{peer}: refused: {msg}");
             reply(state, stream, &Reply::reject(Reason::Version, msg));
-            return None;
+            return Handshake::Refused;
         }
         Err(HandshakeError::Io(kind, e)) => {
             let why = if matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
@@ -150,18 +166,18 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
             };
             log::warn!("{peer}: dropped before the handshake completed: {why}");
             net::abortive_close(stream);
-            return None;
+            return Handshake::Refused;
         }
         Err(e) => {
             log::warn!("{peer}: dropped: {e}");
             net::abortive_close(stream);
-            return None;
+            return Handshake::Refused;
         }
     };
     if let Err(r) = state.check(&hello) {
         log::warn!("{peer}: refused: {}", r.message);
         reply(state, stream, &r);
-        return None;
+        return Handshake::Refused;
     }
     let nonces = match &state.config.key {
         None => None,
@@ -171,7 +187,7 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
                 log::warn!("{peer}: refused: authentication failed: {why}");
                 let msg = "authentication failed: the keys differ, or the handshake was replayed";
                 reply(state, stream, &Reply::reject(Reason::Auth, msg));
-                return None;
+                return Handshake::Refused;
             }
         },
     };
@@ -187,7 +203,7 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
                 accept.flags |= FLAG_CHECKSUMS;
             }
             if !reply(state, stream, &accept) {
-                return None;
+                return Handshake::Refused;
             }
             let ok = stream.set_read_timeout(None).is_ok()
                 && stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_ok();
@@ -195,11 +211,14 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
             let channel = nonces
                 .filter(|_| encrypt)
                 .map(|(key, (tx_nonce, rx_nonce))| key.channel(&tx_nonce, &rx_nonce, false));
-            ok.then_some(Accepted {
-                session,
-                channel,
-                checksums,
-            })
+            match ok {
+                true => Handshake::Serve(Box::new(Accepted {
+                    session,
+                    channel,
+                    checksums,
+                })),
+                false => Handshake::Refused,
+            }
         }
         Admission::Complete(bytes) => {
             let told = reply(
@@ -213,14 +232,15 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Option<
                 ),
             );
             if told {
-                state.confirm();
+                Handshake::ToldComplete
+            } else {
+                Handshake::Refused
             }
-            None
         }
         Admission::Reject(r) => {
             log::warn!("{peer}: refused: {}", r.message);
             reply(state, stream, &r);
-            None
+            Handshake::Refused
         }
     }
 }

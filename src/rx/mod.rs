@@ -57,6 +57,8 @@ pub enum Event {
     Closed(usize),
     /// The stream ended.
     Finished(Result<u64>),
+    /// The sender was told, as it reconnected, that the stream is complete.
+    Confirmed,
 }
 
 /// Listens as `config` says and writes the stream to stdout.
@@ -233,6 +235,7 @@ fn receive_from(
                 }
             }
             Ok(Event::Finished(result)) => break result,
+            Ok(Event::Confirmed) => {}
             Err(RecvTimeoutError::Timeout) => {
                 if !state.connections().is_empty() {
                     lost_since = None;

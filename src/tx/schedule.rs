@@ -173,14 +173,14 @@ struct Slot {
     connected: bool,
     /// Still on its first connection attempt.
     first_attempt: bool,
-    /// Unacknowledged pieces: id, when handed out, length.
-    inflight: Vec<(u64, Instant, usize)>,
+    /// Unacknowledged pieces.
+    inflight: Vec<Sent>,
     /// The size of the next piece, learnt from the last ones.
     piece: usize,
     /// Smoothed delivery rate in bytes per second while busy.
     rate: Option<f64>,
-    /// The last acknowledgement.
-    last_ack: Option<Instant>,
+    /// Bytes acknowledged on this connection so far.
+    acked: u64,
     /// The last sign of progress, or when the connection last became busy.
     heard: Instant,
     /// Smoothed gap between signs of progress while busy.
@@ -189,9 +189,20 @@ struct Slot {
     progress: u64,
 }
 
+/// A piece handed to a connection.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    id: u64,
+    len: usize,
+    /// When it was handed out.
+    at: Instant,
+    /// The connection's acknowledged bytes then.
+    acked: u64,
+}
+
 impl Slot {
     fn inflight_bytes(&self) -> u64 {
-        self.inflight.iter().map(|&(_, _, len)| len as u64).sum()
+        self.inflight.iter().map(|p| p.len as u64).sum()
     }
 
     /// How long this connection may be silent with pieces in flight.
@@ -284,7 +295,7 @@ impl Schedule {
                 inflight: Vec::new(),
                 piece: initial,
                 rate: None,
-                last_ack: None,
+                acked: 0,
                 heard: now,
                 gap: None,
                 progress: 0,
@@ -515,7 +526,8 @@ impl Schedule {
         {
             let theirs = o.rate.unwrap_or(0.0);
             let mut ahead = 0.0;
-            for &(id, _, len) in &o.inflight {
+            for p in &o.inflight {
+                let (id, len) = (p.id, p.len);
                 ahead += len as f64;
                 let left = if theirs > 0.0 {
                     ahead / theirs
@@ -526,7 +538,7 @@ impl Schedule {
                 if copy < COPY_GAIN * left
                     && self.held.contains_key(&id)
                     && !self.copied.contains(&id)
-                    && !me.inflight.iter().any(|&(i, _, _)| i == id)
+                    && !me.inflight.iter().any(|q| q.id == id)
                 {
                     best = Some(best.map_or(id, |b: u64| b.min(id)));
                 }
@@ -560,7 +572,12 @@ impl Schedule {
             // The silence clock starts when the connection has work.
             slot.heard = now;
         }
-        slot.inflight.push((id, now, foot.data.len()));
+        slot.inflight.push(Sent {
+            id,
+            len: foot.data.len(),
+            at: now,
+            acked: slot.acked,
+        });
         self.rank_inflight[slot.rank] += foot.data.len() as u64;
         self.unblock_worse_ranks(w);
         if self.end_game() {
@@ -669,22 +686,23 @@ impl Schedule {
         let r = self.slots[w].rank;
         let was_limited = self.rank_inflight[r] >= self.budget(r);
         let slot = &mut self.slots[w];
-        if let Some(at) = slot.inflight.iter().position(|&(i, _, _)| i == id) {
-            let (_, handed, len) = slot.inflight.remove(at);
-            self.rank_inflight[r] -= len as u64;
-            // The piece's service began when it was handed out, or when the
-            // one before it on this connection was acknowledged.
-            let start = slot.last_ack.map_or(handed, |a| a.max(handed));
-            let service = now.saturating_duration_since(start).as_secs_f64().max(1e-6);
-            let sample = len as f64 / service;
+        if let Some(at) = slot.inflight.iter().position(|p| p.id == id) {
+            let p = slot.inflight.remove(at);
+            self.rank_inflight[r] -= p.len as u64;
+            slot.acked += p.len as u64;
+            // What the connection delivered over the piece's whole life
+            // (BBR's delivery-rate sample): never less than a round trip,
+            // so pieces that complete together, as when a repaired loss
+            // releases what queued behind it, do not make a connection
+            // look infinitely fast.
+            let took = now.saturating_duration_since(p.at);
+            let sample = (slot.acked - p.acked) as f64 / took.as_secs_f64().max(1e-3);
             slot.rate = Some(slot.rate.map_or(sample, |r| (r * 3.0 + sample) / 4.0));
-            let took = now.saturating_duration_since(handed);
-            if took < GROW_BELOW && len * 2 > slot.piece {
+            if took < GROW_BELOW && p.len * 2 > slot.piece {
                 slot.piece = (slot.piece * 2).min(self.params.foot_size);
             } else if took > SHRINK_ABOVE {
                 slot.piece = (slot.piece / 2).max(MIN_PIECE.min(self.params.foot_size));
             }
-            slot.last_ack = Some(now);
         }
         self.held.remove(&id);
         self.queue.remove(&id);
@@ -723,10 +741,10 @@ impl Schedule {
         let mut freed = false;
         for slot in &mut self.slots {
             let before = slot.inflight.len();
-            let (keep, gone): (Vec<_>, Vec<_>) =
-                slot.inflight.iter().partition(|&&(i, _, _)| i >= delivered);
+            let (keep, gone): (Vec<Sent>, Vec<Sent>) =
+                slot.inflight.iter().partition(|p| p.id >= delivered);
             slot.inflight = keep;
-            self.rank_inflight[slot.rank] -= gone.iter().map(|&(_, _, l)| l as u64).sum::<u64>();
+            self.rank_inflight[slot.rank] -= gone.iter().map(|p| p.len as u64).sum::<u64>();
             freed |= slot.inflight.len() < before;
         }
         self.motion = now;
@@ -748,7 +766,6 @@ impl Schedule {
         slot.first_attempt = false;
         slot.heard = now;
         slot.progress = 0;
-        slot.last_ack = None;
         if !slot.connected {
             slot.connected = true;
             self.connected += 1;
@@ -785,10 +802,10 @@ impl Schedule {
             self.lost_since = Some(now);
         }
         let lost = std::mem::take(&mut slot.inflight);
-        for (id, _, len) in lost {
-            self.rank_inflight[slot.rank] -= len as u64;
-            if self.held.contains_key(&id) {
-                self.queue.insert(id, now);
+        for p in lost {
+            self.rank_inflight[slot.rank] -= p.len as u64;
+            if self.held.contains_key(&p.id) {
+                self.queue.insert(p.id, now);
                 self.retransmits += 1;
             }
         }
@@ -1024,6 +1041,33 @@ mod tests {
         s.ack(0, f.id, t0 + SHRINK_ABOVE * 2);
         let g = send(&mut s, 0, t0 + SHRINK_ABOVE * 2);
         assert_eq!(g.data.len(), INITIAL_PIECE / 2);
+    }
+
+    #[test]
+    fn pieces_acknowledged_together_do_not_make_a_connection_look_fast() {
+        // Two connections carry 50 KB/s each. A loss on one holds back the
+        // piece behind it, and both its pieces are acknowledged in the same
+        // instant: it must not look a thousand times faster, or the others
+        // would leave it the rest of the input.
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0, 0], t0);
+        s.admit(chunk(0, 8 * FOOT), true, t0);
+        let a = send(&mut s, 0, t0).id;
+        let b = send(&mut s, 0, t0).id;
+        let c = send(&mut s, 1, t0).id;
+        let d = send(&mut s, 1, t0).id;
+        let one = t0 + Duration::from_secs_f64(INITIAL_PIECE as f64 / 50e3);
+        let two = t0 + Duration::from_secs_f64(2.0 * INITIAL_PIECE as f64 / 50e3);
+        s.ack(1, c, one);
+        s.ack(1, d, two);
+        s.ack(0, a, two);
+        s.ack(0, b, two);
+        let (r0, r1) = (s.slots[0].rate.unwrap(), s.slots[1].rate.unwrap());
+        assert!(r0 < 3.0 * r1, "{r0} against {r1}");
+        assert!(
+            s.can_send(1, two),
+            "the other connection still takes pieces"
+        );
     }
 
     #[test]
