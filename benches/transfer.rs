@@ -52,14 +52,16 @@ fn main() {
             "wan" => report.push_str(&wan::wan()),
             "validate" => report.push_str(&wan::validation()),
             "multipath" => report.push_str(&wan::multipath()),
+            "slow" => report.push_str(&wan::slow()),
             "all" => {
                 report.push_str(&loopback());
                 report.push_str(&wan::wan());
+                report.push_str(&wan::slow());
                 report.push_str(&wan::multipath());
             }
             other => {
                 eprintln!(
-                    "unknown scenario {other:?}; known: loopback, wan, multipath, all, validate"
+                    "unknown scenario {other:?}; known: loopback, wan, slow, multipath, all, validate"
                 );
                 std::process::exit(2);
             }
@@ -138,7 +140,12 @@ fn input(dir: &Path, mib: u64) -> PathBuf {
 /// A key file for the encrypted runs (mode 600, so no warning).
 fn key_file(dir: &Path) -> PathBuf {
     let path = dir.join("bench.key");
-    fs::write(&path, b"benchmark key, not a secret 0123456789").expect("write key");
+    // A fixed key (not a secret): 64 hex digits, as --genkey writes them.
+    fs::write(
+        &path,
+        b"0f1e2d3c4b5a69788796a5b4c3d2e1f000112233445566778899aabbccddeeff\n",
+    )
+    .expect("write key");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -4,15 +4,20 @@
 //! million inputs, seed 1). Inputs are mutations of valid messages (bit
 //! flips, byte overwrites, truncation, extension, splices) and plain random
 //! bytes, fed to the frame header, hello and reply decoders, the blocking
-//! handshake readers, and the frame reader on plain and sealed streams.
-//! Checked: nothing panics; whatever decodes re-encodes to the same bytes;
-//! a sealed stream that was altered never yields altered plaintext. A
-//! failing input is saved to `target/fuzz-failure.bin`.
+//! handshake readers, both handshake machines, and the frame reader on
+//! plain, sealed and authenticated streams. Checked: nothing panics;
+//! whatever decodes re-encodes to the same bytes; an altered keyed stream
+//! never yields altered data; no bytes that were not signed with the key
+//! make tx accept, or take a refusal for a proven one. A failing input is
+//! saved to `target/fuzz-failure.bin`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 use viamillipede::crypto::Key;
 use viamillipede::pool::Buffer;
+use viamillipede::protocol::negotiate::{
+    Offer, RxNegotiation, RxStep, Terms, TxNegotiation, TxStep,
+};
 use viamillipede::protocol::{Header, Hello, Kind, Reason, Reply, HEADER_LEN};
 use viamillipede::wire::{self, FrameReader, FrameWriter};
 
@@ -71,12 +76,38 @@ fn corpus(key: &Key) -> Vec<(Target, Vec<u8>)> {
         wire::write_frame(&mut plain, h, &payload).unwrap();
     }
     out.push((Target::Frames, plain));
-    let (seal, _) = key.channel(b"t", b"r", true);
-    let mut w = FrameWriter::new(Vec::new(), Some(seal));
-    w.send(&Header::foot(0, 40, false), &[0x5A; 40]).unwrap();
-    w.send(&Header::foot(1, 3, true), b"end").unwrap();
-    out.push((Target::Sealed, w.get_ref().clone()));
+    for (target, encrypt) in [(Target::Sealed, true), (Target::Signed, false)] {
+        let (seal, _) = key.channel(b"t", b"r", true, encrypt);
+        let mut w = FrameWriter::new(Vec::new(), Some(seal));
+        w.send(&Header::foot(0, 40, false), &[0x5A; 40]).unwrap();
+        w.send(&Header::foot(1, 3, true), b"end").unwrap();
+        out.push((target, w.get_ref().clone()));
+    }
+    // A keyed handshake's messages, for both machines.
+    let terms = Terms {
+        checkphrase: *b"abcd",
+        key: Some(key.clone()),
+        encrypt: false,
+        checksums: false,
+    };
+    let (mut tx, hello) = TxNegotiation::new(&offer(&terms), [1; 32]);
+    let mut rx = RxNegotiation::new(terms, *b"receiver", [2; 32]);
+    out.push((Target::Negotiation, hello.clone()));
+    if let RxStep::Challenge(c) = rx.on_hello(&hello) {
+        out.push((Target::Negotiation, c.clone()));
+        let _ = tx.on_reply(&c);
+    }
     out
+}
+
+fn offer(terms: &Terms) -> Offer {
+    Offer {
+        terms: terms.clone(),
+        session: [7; 16],
+        foot_size: 2 << 20,
+        window: 64,
+        worker: 1,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,6 +117,8 @@ enum Target {
     Reply,
     Frames,
     Sealed,
+    Signed,
+    Negotiation,
 }
 
 fn mutate(rng: &mut Rng, mut b: Vec<u8>) -> Vec<u8> {
@@ -121,8 +154,8 @@ fn mutate(rng: &mut Rng, mut b: Vec<u8>) -> Vec<u8> {
 }
 
 /// Reads frames as a receiver would; returns the payloads read.
-fn read_frames(bytes: &[u8], sealed: Option<&Key>) -> Vec<Vec<u8>> {
-    let opener = sealed.map(|k| k.channel(b"t", b"r", false).1);
+fn read_frames(bytes: &[u8], keyed: Option<(&Key, bool)>) -> Vec<Vec<u8>> {
+    let opener = keyed.map(|(k, encrypt)| k.channel(b"t", b"r", false, encrypt).1);
     let mut r = FrameReader::new(bytes, opener, 1024);
     let mut out = Vec::new();
     for _ in 0..8 {
@@ -183,15 +216,40 @@ fn check(target: Target, input: &[u8], original: &[u8], key: &Key, stats: &mut [
             direct.is_ok()
         }
         Target::Frames => !read_frames(input, None).is_empty(),
-        Target::Sealed => {
-            let got = read_frames(input, Some(key));
-            let want = read_frames(original, Some(key));
+        Target::Sealed | Target::Signed => {
+            let encrypt = target == Target::Sealed;
+            let got = read_frames(input, Some((key, encrypt)));
+            let want = read_frames(original, Some((key, encrypt)));
             // Every frame that opens is one of the originals, in order.
             assert!(
                 got.len() <= want.len() && got.iter().zip(&want).all(|(a, b)| a == b),
-                "an altered sealed stream opened to altered data"
+                "an altered keyed stream opened to altered data"
             );
             !got.is_empty()
+        }
+        Target::Negotiation => {
+            let terms = |key: Option<Key>| Terms {
+                checkphrase: *b"abcd",
+                key,
+                encrypt: false,
+                checksums: false,
+            };
+            for k in [None, Some(key.clone())] {
+                let mut rx = RxNegotiation::new(terms(k.clone()), *b"receiver", [2; 32]);
+                let _ = rx.on_hello(input);
+                let _ = rx.on_proof(input);
+                let (mut tx, _) = TxNegotiation::new(&offer(&terms(k.clone())), [1; 32]);
+                let step = tx.on_reply(input);
+                if k.is_some() {
+                    // Bytes nobody signed with the key never count as rx's.
+                    assert!(
+                        matches!(step, TxStep::Send(_) if input == original)
+                            || matches!(&step, TxStep::Refused(r) if !r.proven),
+                        "keyed tx took unsigned bytes: {step:?}"
+                    );
+                }
+            }
+            true
         }
     };
     stats[usize::from(!ok)] += 1;
@@ -204,7 +262,8 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000_000);
     let seed: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
-    let key = Key::new(&[42; 32]).unwrap();
+    let key = Key::new(b"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff")
+        .expect("a key of 64 hex digits");
     let corpus = corpus(&key);
     let targets = [
         Target::Header,
@@ -212,9 +271,11 @@ fn main() {
         Target::Reply,
         Target::Frames,
         Target::Sealed,
+        Target::Signed,
+        Target::Negotiation,
     ];
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut stats = [[0u64; 2]; 5];
+    let mut stats = [[0u64; 2]; 7];
     let start = Instant::now();
     for i in 0..inputs {
         let (target, original) = if rng.below(8) == 0 {

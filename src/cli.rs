@@ -22,18 +22,19 @@ const ABOUT: &str = "A fast, resilient pipe over many TCP connections.";
 const LONG_ABOUT: &str = "\
 A fast, resilient, network-transparent pipe over many TCP connections.
 
-tx reads stdin, cuts it into numbered feet (2 MiB by default) and sends them
-over many TCP connections to one or more ranked destinations; rx accepts the
-connections, puts the feet back in order and writes them to stdout. Feet that
-a dropped connection did not get acknowledged are sent again on another one.
+tx reads stdin, cuts it into numbered feet (2 MiB by default; smaller pieces
+on a connection that has shown it carries less) and sends them over many TCP
+connections to one or more ranked destinations; rx accepts the connections,
+puts the feet back in order and writes them to stdout. Feet that a dropped or
+stalled connection did not get acknowledged are sent again on another one.
 Both sides exit 0 only when every byte has been written by the receiver.
 
 The original keyword grammar works verbatim, words in any order:
   rx PORT, tx HOST PORT (repeatable), threads N, verbose N, checkphrase XXXX.
 Each keyword also has a dashed long form: --rx, --tx HOST:PORT, --threads, ...
 
-Memory: tx holds at most (window + 1) feet; rx holds at most
-(window + connections) feet: 130 MiB and 160 MiB with the defaults, plus a
+Memory: tx holds at most (window + 2) feet; rx holds at most
+(window + 2 + connections) feet: 132 MiB and 164 MiB with the defaults, plus a
 few MiB for the program itself.
 
 Send SIGUSR1 (or SIGINFO, where the system has it) to either side for a
@@ -79,7 +80,7 @@ Examples:
     viamillipede tx host 8834 --rate 50M < in
 
   With a pre-shared key (copy the file to both hosts) and encryption:
-    head -c 32 /dev/urandom > key && chmod 600 key
+    viamillipede --genkey key
     viamillipede rx 8834 --key-file key > out
     viamillipede tx host 8834 --key-file key --encrypt < in
 
@@ -129,21 +130,23 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value = "2M", value_parser = parse_foot_size)]
     pub foot_size: u32,
 
-    /// Feet tx may run ahead of what rx has written; bounds both sides'
-    /// memory (see above).
+    /// Feet (of bytes) tx may run ahead of what rx has written; bounds both
+    /// sides' memory (see above).
     #[arg(long, value_name = "FEET", default_value_t = config::DEFAULT_WINDOW,
           value_parser = clap::value_parser!(u32).range(2..=i64::from(MAX_WINDOW)))]
     pub window: u32,
 
     /// Feet one connection may have unacknowledged before it is given
-    /// another: a faster connection is acknowledged sooner and carries more.
+    /// another (more while they are less than a second of what it
+    /// delivers): a faster connection is acknowledged sooner and carries more.
     #[arg(long, value_name = "FEET", default_value_t = config::DEFAULT_INFLIGHT,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     pub inflight: u32,
 
     /// Seconds to keep trying when no connection to the peer can be
-    /// (re)established, then give up with exit status 1. rx waits without
-    /// limit for the first sender, and applies this once a stream started.
+    /// (re)established, or (tx) connections are made but nothing is
+    /// delivered, then give up with exit status 1. rx waits without limit
+    /// for the first sender, and applies this once a stream started.
     #[arg(long, value_name = "SECS", default_value_t = config::DEFAULT_RECONNECT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=86_400 * 365))]
     pub reconnect_timeout: u64,
@@ -220,16 +223,17 @@ pub struct Cli {
     #[arg(long, value_name = "ALGO")]
     pub cc: Option<String>,
 
-    /// A file holding a pre-shared secret (at least 16 bytes; a final line
-    /// ending is ignored), given on both sides. Every connection then proves
-    /// the key in a challenge-response before any foot is accepted; the key
-    /// never crosses the wire. Make one with: head -c 32 /dev/urandom > key
+    /// A file holding a pre-shared key, given on both sides: 32 random bytes
+    /// (or 64 hex digits; a final line ending is ignored), never a
+    /// passphrase. Both ends of every connection then prove the key before
+    /// any foot is accepted, and every frame is authenticated; the key never
+    /// crosses the wire. Make one with: viamillipede --genkey FILE
     #[arg(long, value_name = "FILE", env = "VIAMILLIPEDE_KEY_FILE")]
     pub key_file: Option<std::path::PathBuf>,
 
-    /// Encrypt and authenticate every frame (AES-256-GCM, keys derived per
-    /// connection from the key file and fresh nonces). Needs --key-file;
-    /// either side asking is enough.
+    /// Also encrypt every frame (AES-256-GCM, keys derived per connection
+    /// from the key file and fresh nonces). Needs --key-file; either side
+    /// asking is enough.
     #[arg(long)]
     pub encrypt: bool,
 
@@ -276,7 +280,13 @@ pub struct Cli {
     #[arg(long, value_name = "SHELL")]
     pub completions: Option<clap_complete::Shell>,
 
-    /// Seconds a new connection has to complete its handshake (rx).
+    /// Write a new random key to FILE (mode 600; never over an existing
+    /// file) and exit; copy it to the other host and give both sides
+    /// --key-file FILE.
+    #[arg(long, value_name = "FILE")]
+    pub genkey: Option<std::path::PathBuf>,
+
+    /// Seconds a new connection has to complete its handshake.
     #[arg(long, value_name = "SECS", default_value_t = config::HANDSHAKE_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
@@ -572,6 +582,7 @@ impl Cli {
                 delay: self.delayus.map(Duration::from_micros),
                 rate: self.rate,
             },
+            local_receiver: None,
             mode,
             threads: self.threads,
             verbose: self.verbose,
@@ -605,6 +616,12 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> 
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "viamillipede", &mut script);
             Ok(Parsed::Print(String::from_utf8_lossy(&script).into_owned()))
+        }
+        Ok(Cli {
+            genkey: Some(path), ..
+        }) => {
+            Key::generate(&path)?;
+            Ok(Parsed::Print(String::new()))
         }
         Ok(cli) => cli.into_config().map(|c| Parsed::Run(Box::new(c))),
         Err(e) => match e.kind() {

@@ -168,6 +168,11 @@ pub struct Config {
     pub stats_json: Option<std::path::PathBuf>,
     /// How tx cuts and paces its input.
     pub pacing: Pacing,
+    /// In a two-way pipe, the id of this process's own receiver: rx takes it
+    /// as its id, and tx refuses a connection that reaches it (with one key
+    /// on both hosts, a connection relayed back to its own process would
+    /// otherwise prove the key).
+    pub local_receiver: Option<[u8; 8]>,
 }
 
 /// How tx cuts its input into feet and paces them.

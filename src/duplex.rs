@@ -104,12 +104,22 @@ fn both(
     input: impl Read + Send + 'static,
     output: impl Write + Send + 'static,
 ) -> Result<Summary> {
+    // Both wings know this process's receiver, so tx never takes a
+    // connection that was relayed back to it.
+    let mut config = config.clone();
+    config.local_receiver = Some(crate::rx::random_id());
+    let config = &config;
     let rx_config = config.clone();
     let receiving = std::thread::Builder::new()
         .name("rx".into())
         .spawn(move || rx::run_into(&rx_config, addr.as_deref(), port, output))
         .map_err(|e| Error::io("spawn the receiving side", e))?;
     let sent = tx::send(config, tx::Connections::Dial(destinations), input);
+    if let Err(e) = sent {
+        // The receiving side may wait for its sender without limit: the
+        // pipe has failed either way.
+        return Err(e);
+    }
     let received = receiving
         .join()
         .unwrap_or_else(|_| Err(Error::Internal("the receiving side panicked".into())));

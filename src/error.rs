@@ -92,5 +92,26 @@ pub fn signal_name(sig: i32) -> String {
     }
 }
 
+/// A string a peer sent, fit to show on a terminal: control characters
+/// (escape sequences, carriage returns) are escaped, so a peer cannot
+/// rewrite what the user sees.
+pub fn shown(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            c if c.is_control() => c.escape_default().collect::<String>(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 /// The result of a run.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peer_strings_lose_their_control_characters() {
+        assert_eq!(super::shown("busy\x1b[2J\r\nok"), "busy\\u{1b}[2J\\r\\nok");
+        assert_eq!(super::shown("plain é text"), "plain é text");
+    }
+}

@@ -167,3 +167,190 @@ pub fn tune(stream: &TcpStream, opts: &SocketOptions) -> io::Result<()> {
 pub fn abortive_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
+
+/// Connections allowed in their handshake at once, from one source address
+/// and in all: one sender opens up to 64 per destination at once.
+pub const HANDSHAKES_PER_SOURCE: usize = 64;
+/// The same, in all.
+pub const HANDSHAKES: usize = 256;
+
+/// Admission to the handshake: at most [`HANDSHAKES_PER_SOURCE`] connections
+/// from one address and [`HANDSHAKES`] in all may be in their handshake.
+/// A connection beyond either evicts the oldest one in the same position
+/// (its socket is shut down, so its handshake fails at once) rather than
+/// being refused: whoever holds many half-open connections only ever
+/// pushes out their own, or the oldest, never locks out a sender that
+/// completes its handshake in a round trip.
+#[derive(Debug)]
+pub struct Gate {
+    per_source: usize,
+    total: usize,
+    inner: std::sync::Mutex<GateInner>,
+}
+
+#[derive(Debug, Default)]
+struct GateInner {
+    next: u64,
+    open: std::collections::VecDeque<(u64, IpAddr, TcpStream)>,
+    evicted: u64,
+}
+
+/// A connection's place in the handshake; given up when dropped.
+#[derive(Debug)]
+pub struct Pass {
+    gate: std::sync::Arc<Gate>,
+    id: u64,
+}
+
+impl Gate {
+    /// A gate with the default limits.
+    pub fn new() -> std::sync::Arc<Gate> {
+        Gate::with_limits(HANDSHAKES_PER_SOURCE, HANDSHAKES)
+    }
+
+    /// A gate with other limits (for tests).
+    pub fn with_limits(per_source: usize, total: usize) -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            per_source: per_source.max(1),
+            total: total.max(1),
+            inner: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits `stream` from `source` to its handshake, evicting another if
+    /// a limit is reached.
+    pub fn enter(self: &std::sync::Arc<Gate>, stream: &TcpStream, source: IpAddr) -> Pass {
+        let mut g = self.lock();
+        let from_source = g.open.iter().filter(|(_, ip, _)| *ip == source).count();
+        let evict = if from_source >= self.per_source {
+            g.open.iter().position(|(_, ip, _)| *ip == source)
+        } else if g.open.len() >= self.total {
+            Some(0)
+        } else {
+            None
+        };
+        if let Some(at) = evict {
+            if let Some((_, ip, old)) = g.open.remove(at) {
+                log::debug!("{ip}: an old handshake was cut off to make room");
+                let _ = old.shutdown(std::net::Shutdown::Both);
+                g.evicted += 1;
+            }
+        }
+        let id = g.next;
+        g.next += 1;
+        if let Ok(clone) = stream.try_clone() {
+            g.open.push_back((id, source, clone));
+        }
+        Pass {
+            gate: std::sync::Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Connections in their handshake now.
+    pub fn open(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// Handshakes cut off to make room so far.
+    pub fn evicted(&self) -> u64 {
+        self.lock().evicted
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock();
+        g.open.retain(|(id, _, _)| *id != self.id);
+    }
+}
+
+/// Reads with one deadline for everything read through it, rather than a
+/// timeout per read, which a peer sending a byte at a time would defeat.
+pub struct Deadline<'a> {
+    /// The stream read.
+    pub stream: &'a TcpStream,
+    /// When reading gives up.
+    pub until: std::time::Instant,
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut stream = self.stream;
+        stream.read(buf)
+    }
+}
+
+/// How long to wait after a failed accept (out of descriptors, say)
+/// before the next, doubling from this.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// At most this.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts connections on `listener` for `serve` until it returns false,
+/// backing off (without spinning) while accepting fails.
+pub fn accept_loop(listener: &TcpListener, mut serve: impl FnMut(TcpStream, SocketAddr) -> bool) {
+    let mut backoff = ACCEPT_BACKOFF;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF;
+                if !serve(stream, peer) {
+                    return;
+                }
+            }
+            Err(e) => {
+                log::warn!("accept: {e}; trying again in {} ms", backoff.as_millis());
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(l: &TcpListener) -> (TcpStream, TcpStream) {
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (s, c)
+    }
+
+    #[test]
+    fn the_gate_evicts_the_oldest_of_a_source_then_the_oldest_in_all() {
+        use std::io::Read;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gate = Gate::with_limits(2, 3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let conns: Vec<(TcpStream, TcpStream)> = (0..5).map(|_| pair(&l)).collect();
+        let p0 = gate.enter(&conns[0].0, a);
+        let _p1 = gate.enter(&conns[1].0, a);
+        // A third from the same source pushes out its first.
+        let _p2 = gate.enter(&conns[2].0, a);
+        let mut buf = [0u8; 1];
+        let mut s0 = &conns[0].0;
+        assert_eq!(s0.read(&mut buf).unwrap(), 0, "the oldest was shut down");
+        assert_eq!((gate.open(), gate.evicted()), (2, 1));
+        drop(p0);
+        // Another source fills the gate; one more pushes out the oldest.
+        let _p3 = gate.enter(&conns[3].0, b);
+        let _p4 = gate.enter(&conns[4].0, b);
+        assert_eq!((gate.open(), gate.evicted()), (3, 2));
+        let mut s1 = &conns[1].0;
+        assert_eq!(s1.read(&mut buf).unwrap(), 0);
+    }
+}

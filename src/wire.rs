@@ -68,8 +68,9 @@ pub fn write_control<W: Write>(w: &mut W, header: &Header) -> io::Result<()> {
     w.write_all(&header.encode())
 }
 
-/// The sending half of a connection: frames go out plain, or sealed when
-/// the connection is encrypted.
+/// The sending half of a connection: frames go out plain, or with a tag
+/// (sealed when the connection is encrypted, authenticated in the clear
+/// otherwise) when it is keyed.
 #[derive(Debug)]
 pub struct FrameWriter<W> {
     w: W,
@@ -80,7 +81,7 @@ pub struct FrameWriter<W> {
 }
 
 impl<W: Write> FrameWriter<W> {
-    /// Frames to `w`, sealed with `sealer` if given.
+    /// Frames to `w`, protected by `sealer` if given.
     pub fn new(w: W, sealer: Option<Sealer>) -> FrameWriter<W> {
         FrameWriter {
             w,
@@ -120,14 +121,27 @@ impl<W: Write> FrameWriter<W> {
             self.sent += (HEADER_LEN + payload.len() + trailer.len()) as u64;
             return Ok(());
         };
-        // The shared foot may be sent again elsewhere, so it is sealed in a
-        // copy; the header, with the tag counted in its length, is the
-        // associated data.
+        // The header, with the tag counted in its length, is covered too.
         let sealed = Header {
             len: header.len + (trailer.len() + TAG_LEN) as u32,
             ..*header
         };
         let head = sealed.encode();
+        if !sealer.encrypts() {
+            // Authenticated only: the payload goes as it is, no copy.
+            let tag = sealer.sign(&head, &[payload, trailer]);
+            let mut bufs = [
+                IoSlice::new(&head),
+                IoSlice::new(payload),
+                IoSlice::new(trailer),
+                IoSlice::new(&tag),
+            ];
+            write_all_vectored(&mut self.w, &mut bufs)?;
+            self.sent += (HEADER_LEN + payload.len() + trailer.len() + TAG_LEN) as u64;
+            return Ok(());
+        }
+        // The shared foot may be sent again elsewhere, so it is sealed in a
+        // copy.
         self.scratch.clear();
         self.scratch.extend_from_slice(payload);
         self.scratch.extend_from_slice(trailer);
@@ -279,12 +293,13 @@ impl<R: Read> FrameReader<R> {
 
 /// Reads a length-prefixed handshake message: starts with the fixed part and
 /// reads more only as far as the decoder asks, never beyond `limit` bytes.
+/// Returns the message and its bytes as they came.
 fn read_message<R: Read, T>(
     r: &mut R,
     fixed: usize,
     limit: usize,
     decode: impl Fn(&[u8]) -> Result<(T, usize), HandshakeError>,
-) -> Result<T, HandshakeError> {
+) -> Result<(T, Vec<u8>), HandshakeError> {
     let mut buf = vec![0u8; fixed];
     let mut have = 0;
     loop {
@@ -297,7 +312,7 @@ fn read_message<R: Read, T>(
             };
         }
         match decode(&buf) {
-            Ok((msg, _)) => return Ok(msg),
+            Ok((msg, _)) => return Ok((msg, buf)),
             Err(HandshakeError::Truncated { need }) if need > buf.len() && need <= limit => {
                 buf.resize(need, 0)
             }
@@ -323,8 +338,8 @@ fn io_error(e: io::Error) -> HandshakeError {
     HandshakeError::Io(e.kind(), e.to_string())
 }
 
-/// Reads a [`Hello`].
-pub fn read_hello<R: Read>(r: &mut R) -> Result<Hello, HandshakeError> {
+/// Reads a [`Hello`] and its bytes.
+pub fn read_hello_bytes<R: Read>(r: &mut R) -> Result<(Hello, Vec<u8>), HandshakeError> {
     use crate::protocol::handshake::HELLO_FIXED_LEN;
     read_message(
         r,
@@ -334,8 +349,13 @@ pub fn read_hello<R: Read>(r: &mut R) -> Result<Hello, HandshakeError> {
     )
 }
 
-/// Reads a [`Reply`].
-pub fn read_reply<R: Read>(r: &mut R) -> Result<Reply, HandshakeError> {
+/// Reads a [`Hello`].
+pub fn read_hello<R: Read>(r: &mut R) -> Result<Hello, HandshakeError> {
+    read_hello_bytes(r).map(|(h, _)| h)
+}
+
+/// Reads a [`Reply`] and its bytes.
+pub fn read_reply_bytes<R: Read>(r: &mut R) -> Result<(Reply, Vec<u8>), HandshakeError> {
     use crate::protocol::handshake::REPLY_FIXED_LEN;
     read_message(
         r,
@@ -343,6 +363,11 @@ pub fn read_reply<R: Read>(r: &mut R) -> Result<Reply, HandshakeError> {
         REPLY_FIXED_LEN + MAX_MESSAGE + MAX_EXTENSION,
         Reply::decode,
     )
+}
+
+/// Reads a [`Reply`].
+pub fn read_reply<R: Read>(r: &mut R) -> Result<Reply, HandshakeError> {
+    read_reply_bytes(r).map(|(r, _)| r)
 }
 
 /// Maps a frame decoding error into an I/O error (for `?` in I/O loops).
@@ -375,8 +400,8 @@ mod tests {
 
     #[test]
     fn sealed_frames_round_trip_and_tampering_is_refused() {
-        let key = crate::crypto::Key::new(&[9; 32]).unwrap();
-        let (seal, _) = key.channel(b"t", b"r", true);
+        let key = crate::crypto::test_key(9);
+        let (seal, _) = key.channel(b"t", b"r", true, true);
         let mut w = FrameWriter::new(Vec::new(), Some(seal));
         w.send(&Header::foot(0, 5, false), b"hello").unwrap();
         w.send(&Header::foot(1, 0, true), b"").unwrap();
@@ -388,7 +413,7 @@ mod tests {
         );
 
         let read_all = |bytes: &[u8]| -> io::Result<Vec<(Header, Vec<u8>)>> {
-            let (_, open) = key.channel(b"t", b"r", false);
+            let (_, open) = key.channel(b"t", b"r", false, true);
             let mut r = FrameReader::new(bytes, Some(open), 10);
             let mut out = Vec::new();
             for _ in 0..2 {

@@ -112,10 +112,11 @@ fn a_slow_drip_handshake_is_cut_off_at_the_deadline() {
 #[test]
 fn two_hundred_idle_connections_do_not_stop_the_stream() {
     let (t, r, feed, input, port) = stream_in_progress(&[]);
+    // From the sender's own address: more than one source may hold, so
+    // the oldest are cut off, and the stream never waits for them.
     let idle: Vec<TcpStream> = (0..200)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
-    r.wait_line("already handshaking", Duration::from_secs(10));
     let r = finish(t, r, feed, input, "with 200 idle connections");
     drop(idle);
     drop(r);

@@ -61,15 +61,7 @@ fn reverse_connections_survive_resets() {
 
 #[test]
 fn reverse_connections_with_keys_and_encryption() {
-    let dir = std::env::temp_dir().join(format!("viamillipede-rev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("key");
-    std::fs::write(&key, [9u8; 32]).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
+    let key = key_file("reverse", 9);
     let k = key.to_str().unwrap();
     let input = Arc::new(data(3 * FOOT, 53));
     let (mut t, port) = listening_tx(&["--key-file", k, "--encrypt"], Arc::clone(&input));

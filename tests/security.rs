@@ -3,7 +3,6 @@
 use crate::util::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,20 +11,6 @@ const FOOT: usize = 2 << 20;
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-THAT-MUST-NOT-CROSS-THE-WIRE";
 /// A hello with a nonce (44 + 32 bytes) and tx's proof (32 bytes).
 const HANDSHAKE_FROM_TX: usize = 44 + 32 + 32;
-
-/// Writes a key file (mode 600) and returns its path.
-fn key_file(name: &str, byte: u8) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("viamillipede-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, [byte; 32]).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    path
-}
 
 fn marked(len: usize, seed: u64) -> Vec<u8> {
     let mut v = MARKER.to_vec();
@@ -132,7 +117,7 @@ fn different_keys_are_refused_on_both_sides() {
     );
     assert_eq!(t.wait(Duration::from_secs(20)).code(), Some(1));
     t.expect_stderr("key files differ");
-    r.wait_line("authentication failed", Duration::from_secs(20));
+    r.wait_line("key files differ", Duration::from_secs(20));
     drop(r.stdin.take());
 }
 

@@ -1,5 +1,6 @@
 //! End-to-end tests: the real binary on loopback.
 
+mod attacks;
 #[allow(dead_code)]
 #[path = "../benches/emulator.rs"]
 mod emulator;

@@ -358,8 +358,13 @@ pub fn assert_prefix(got: &[u8], want: &[u8], what: &str) {
 pub struct Fault {
     /// Reset both sides once this many bytes have been forwarded.
     pub reset_after: Option<u64>,
-    /// Flip the lowest bit of the byte at this offset.
+    /// Flip a bit of the byte at this offset: `flip_bit`, or the lowest.
     pub flip_at: Option<u64>,
+    /// The bit `flip_at` flips (0: the lowest).
+    pub flip_bit: u8,
+    /// After this many bytes, hold what follows for this long: a peer (or
+    /// path) that is slow at one point of the exchange.
+    pub delay_after: Option<(u64, Duration)>,
     /// Apply to what the server sends back instead (reverse mode, where the
     /// data flows from the server to the client).
     pub replies: bool,
@@ -502,8 +507,22 @@ fn forward(
             .flip_at
             .filter(|&at| at >= sent && at < sent + n as u64)
         {
-            buf[(at - sent) as usize] ^= 1;
+            buf[(at - sent) as usize] ^= fault.flip_bit.max(1);
             flips.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((after, hold)) = fault.delay_after {
+            if sent < after && sent + n as u64 >= after {
+                let cut = (after - sent) as usize;
+                if to.write_all(&buf[..cut]).is_err() {
+                    break;
+                }
+                std::thread::sleep(hold);
+                if to.write_all(&buf[cut..n]).is_err() {
+                    break;
+                }
+                sent += n as u64;
+                continue;
+            }
         }
         if let Some(l) = fault.reset_after.filter(|&l| sent + n as u64 >= l) {
             // Forward part of the frame, then reset both sides mid-stream.
@@ -563,4 +582,20 @@ pub fn join(port: u16, session: u8, foot_size: u32, window: u32) -> (TcpStream, 
     s.write_all(&hello(session, foot_size, window)).unwrap();
     let reply = wire::read_reply(&mut s).expect("reply");
     (s, reply)
+}
+
+/// Writes a key file of 32 random-looking bytes (mode 600) and returns its
+/// path; the same `seed` gives the same key.
+pub fn key_file(name: &str, seed: u8) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("viamillipede-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    // data() folds its seed to an odd number: keep every seed's key apart.
+    std::fs::write(&path, data(32, 2 * u64::from(seed) + 1001)).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    path
 }

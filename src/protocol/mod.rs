@@ -7,6 +7,7 @@
 
 pub mod frame;
 pub mod handshake;
+pub mod negotiate;
 
 pub use frame::{FrameError, Header, Kind, FLAG_COMPRESSED, FLAG_END, HEADER_LEN};
 pub use handshake::{HandshakeError, Hello, Reason, Reply, Status, MAGIC, VERSION};

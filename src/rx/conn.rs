@@ -6,11 +6,10 @@
 
 use super::state::{Admission, Progress, Session, State};
 use super::{Arrived, Event};
-use crate::crypto::{self, Key, Opener, Sealer, NONCE_LEN, PROOF_LEN};
-use crate::error::Error;
-use crate::protocol::handshake::{FLAG_CHECKSUMS, FLAG_ENCRYPT};
-use crate::protocol::{HandshakeError, Kind, Reason, Reply, Status};
-use crate::protocol::{Hello, HEADER_LEN};
+use crate::crypto::{self, Opener, Sealer, PROOF_LEN};
+use crate::error::{shown, Error};
+use crate::protocol::negotiate::{RxNegotiation, RxStep, Terms, Verdict};
+use crate::protocol::{HandshakeError, Kind, HEADER_LEN};
 use crate::stats::LinkState;
 use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
@@ -32,10 +31,11 @@ pub fn handle(
     peer: SocketAddr,
     feet: &Sender<Arrived>,
     events: &Sender<Event>,
-    handshaking: super::Handshaking<'_>,
+    pass: net::Pass,
 ) {
     let outcome = handshake(state, &mut stream, peer);
-    drop(handshaking);
+    // Out of the handshake: the gate's place goes to another.
+    drop(pass);
     let Accepted {
         session,
         channel,
@@ -132,154 +132,121 @@ struct Accepted {
     checksums: bool,
 }
 
-/// Reads and judges the hello, has the sender prove the key if there is
-/// one, and answers. Returns the session to serve and, when the connection
-/// is encrypted, its keys; or why it is not to be served.
+/// Runs rx's end of the handshake ([`RxNegotiation`]) on a new connection,
+/// within one deadline however slowly its bytes drip: reads what the sender
+/// sends, writes what the negotiation answers, and lets the session decide
+/// whether the sender may join.
 fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Handshake {
     let limit = state.config.handshake_timeout;
-    if stream.set_read_timeout(Some(limit)).is_err()
-        || stream.set_write_timeout(Some(limit)).is_err()
-    {
+    if stream.set_write_timeout(Some(limit)).is_err() {
         return Handshake::Refused;
     }
-    // One deadline for the whole handshake, however slowly the bytes drip.
     let deadline = Instant::now() + limit;
-    let hello = match wire::read_hello(&mut Deadline {
-        stream,
-        until: deadline,
-    }) {
-        Ok(h) => h,
-        Err(HandshakeError::Version(v)) => {
-            let msg = format!(
-                "protocol version {v} is not supported (this receiver speaks {})",
-                crate::protocol::VERSION
-            );
-            log::warn!("{peer}: refused: {msg}");
-            reply(state, stream, &Reply::reject(Reason::Version, msg));
-            return Handshake::Refused;
+    let late = |kind: io::ErrorKind, e: String, what: &str| {
+        match kind {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("no {what} within {} s", limit.as_secs())
         }
-        Err(HandshakeError::Io(kind, e)) => {
-            let why = if matches!(kind, io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
-                format!("no handshake within {} s", limit.as_secs())
-            } else {
-                e
-            };
-            log::warn!("{peer}: dropped before the handshake completed: {why}");
-            net::abortive_close(stream);
-            return Handshake::Refused;
+        io::ErrorKind::UnexpectedEof if what == "proof" => {
+            "it hung up, as a sender does when this receiver cannot prove the key to it: the key files differ".into()
         }
+        _ => e,
+    }
+    };
+    let nonce = match crypto::nonce() {
+        Ok(n) => n,
         Err(e) => {
-            log::warn!("{peer}: dropped: {e}");
-            net::abortive_close(stream);
+            log::error!("{e}");
             return Handshake::Refused;
         }
     };
-    if let Err(r) = state.check(&hello) {
-        log::warn!("{peer}: refused: {}", r.message);
-        reply(state, stream, &r);
+    let terms = Terms {
+        checkphrase: state.config.checkphrase,
+        key: state.config.key.clone(),
+        encrypt: state.config.encrypt,
+        checksums: state.config.checksums,
+    };
+    let mut negotiation = RxNegotiation::new(terms, state.receiver, nonce);
+    let mut input = net::Deadline {
+        stream,
+        until: deadline,
+    };
+    let mut step = match wire::read_hello_bytes(&mut input) {
+        Ok((_, bytes)) => negotiation.on_hello(&bytes),
+        Err(HandshakeError::Io(kind, e)) => RxStep::Drop(format!(
+            "dropped before the handshake completed: {}",
+            late(kind, e, "handshake")
+        )),
+        Err(e) => negotiation.on_bad_hello(e),
+    };
+    if let RxStep::Challenge(challenge) = &step {
+        if let Err(e) = stream.write_all(challenge) {
+            log::info!("{peer}: send challenge: {e}");
+            return Handshake::Refused;
+        }
+        let mut proof = [0u8; PROOF_LEN];
+        let mut input = net::Deadline {
+            stream,
+            until: deadline,
+        };
+        step = match input.read_exact(&mut proof) {
+            Ok(()) => negotiation.on_proof(&proof),
+            // Slow is not wrong: the sender hears nothing it could take for
+            // a refusal, and tries again.
+            Err(e) => RxStep::Drop(format!(
+                "the sender did not prove the key: {}",
+                late(e.kind(), e.to_string(), "proof")
+            )),
+        };
+    }
+    let hello = match step {
+        RxStep::Decide(hello) => hello,
+        RxStep::Refuse(bytes, why) => {
+            log::warn!("{peer}: refused: {}", shown(&why));
+            let _ = stream.write_all(&bytes);
+            return Handshake::Refused;
+        }
+        RxStep::Drop(why) => {
+            log::warn!("{peer}: {}", shown(&why));
+            net::abortive_close(stream);
+            return Handshake::Refused;
+        }
+        RxStep::Challenge(_) => unreachable!("one challenge per handshake"),
+    };
+    let (verdict, session) = match state.admit(&hello) {
+        Admission::Accept(session, delivered) => (Verdict::Accept { delivered }, Some(session)),
+        Admission::Complete(bytes) => (Verdict::Complete(bytes), None),
+        Admission::Reject(reason, message) => {
+            log::warn!("{peer}: refused: {message}");
+            (Verdict::Reject(reason, message), None)
+        }
+    };
+    let complete = matches!(verdict, Verdict::Complete(_));
+    let (answer, agreed) = negotiation.decide(verdict);
+    if stream.write_all(&answer).is_err() {
         return Handshake::Refused;
     }
-    let nonces = match &state.config.key {
-        None => None,
-        Some(key) => match authenticate(state, key, stream, &hello, deadline) {
-            Ok(nonces) => Some((key, nonces)),
-            Err(why) => {
-                log::warn!("{peer}: refused: authentication failed: {why}");
-                let msg = "authentication failed: the keys differ, or the handshake was replayed";
-                reply(state, stream, &Reply::reject(Reason::Auth, msg));
-                return Handshake::Refused;
-            }
-        },
+    let (Some(agreed), Some(session)) = (agreed, session) else {
+        return match complete {
+            true => Handshake::ToldComplete,
+            false => Handshake::Refused,
+        };
     };
-    let encrypt = nonces.is_some() && (hello.flags & FLAG_ENCRYPT != 0 || state.config.encrypt);
-    let checksums = hello.flags & FLAG_CHECKSUMS != 0 || state.config.checksums;
-    match state.admit(&hello) {
-        Admission::Accept(session, delivered) => {
-            let mut accept = Reply::accept(delivered);
-            if encrypt {
-                accept.flags |= FLAG_ENCRYPT;
-            }
-            if checksums {
-                accept.flags |= FLAG_CHECKSUMS;
-            }
-            if !reply(state, stream, &accept) {
-                return Handshake::Refused;
-            }
-            let ok = stream.set_read_timeout(None).is_ok()
-                && stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_ok();
-            let ok = ok && net::tune(stream, &state.config.socket).is_ok();
-            let channel = nonces
-                .filter(|_| encrypt)
-                .map(|(key, (tx_nonce, rx_nonce))| key.channel(&tx_nonce, &rx_nonce, false));
-            match ok {
-                true => Handshake::Serve(Box::new(Accepted {
-                    session,
-                    channel,
-                    checksums,
-                })),
-                false => Handshake::Refused,
-            }
-        }
-        Admission::Complete(bytes) => {
-            let told = reply(
-                state,
-                stream,
-                &Reply::new(
-                    Status::Complete,
-                    Reason::None,
-                    bytes,
-                    "stream complete".into(),
-                ),
-            );
-            if told {
-                Handshake::ToldComplete
-            } else {
-                Handshake::Refused
-            }
-        }
-        Admission::Reject(r) => {
-            log::warn!("{peer}: refused: {}", r.message);
-            reply(state, stream, &r);
-            Handshake::Refused
-        }
+    let ok = stream.set_read_timeout(None).is_ok()
+        && stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_ok()
+        && net::tune(stream, &state.config.socket).is_ok();
+    let channel = match (&state.config.key, agreed.nonces) {
+        (Some(key), Some(n)) => Some(key.channel(&n.tx, &n.rx, false, agreed.encrypt)),
+        _ => None,
+    };
+    match ok {
+        true => Handshake::Serve(Box::new(Accepted {
+            session,
+            channel,
+            checksums: agreed.checksums,
+        })),
+        false => Handshake::Refused,
     }
-}
-
-/// The challenge-response: rx proves the key over tx's hello and a fresh
-/// nonce, then tx must prove it over the whole transcript. Returns both
-/// nonces, or why the sender failed.
-fn authenticate(
-    state: &State,
-    key: &Key,
-    stream: &mut TcpStream,
-    hello: &Hello,
-    deadline: Instant,
-) -> Result<([u8; NONCE_LEN], [u8; NONCE_LEN]), String> {
-    let tx_nonce: [u8; NONCE_LEN] = hello.extension[..]
-        .try_into()
-        .map_err(|_| "malformed nonce".to_string())?;
-    let mut hello_bytes = Vec::new();
-    hello.encode(&mut hello_bytes);
-    let rx_nonce = crypto::nonce().map_err(|e| e.to_string())?;
-    let mut challenge = Reply::new(Status::Challenge, Reason::None, 0, String::new());
-    challenge.receiver = state.receiver;
-    challenge.extension = [&rx_nonce[..], &key.rx_proof(&hello_bytes, &rx_nonce)].concat();
-    let mut challenge_bytes = Vec::new();
-    challenge.encode(&mut challenge_bytes);
-    stream
-        .write_all(&challenge_bytes)
-        .map_err(|e| format!("send challenge: {e}"))?;
-    let mut proof = [0u8; PROOF_LEN];
-    Deadline {
-        stream,
-        until: deadline,
-    }
-    .read_exact(&mut proof)
-    .map_err(|e| format!("the sender did not prove the key ({e})"))?;
-    if !crypto::proofs_match(&key.tx_proof(&hello_bytes, &challenge_bytes), &proof) {
-        return Err("wrong key, or a replayed handshake".into());
-    }
-    Ok((tx_nonce, rx_nonce))
 }
 
 /// Bytes counted as buffered for a foot being read: released again if the
@@ -314,34 +281,6 @@ impl Read for Metered<'_> {
     }
 }
 
-/// Reads with a deadline for everything read through it, rather than a
-/// timeout per read, which a peer sending a byte at a time would defeat.
-struct Deadline<'a> {
-    stream: &'a TcpStream,
-    until: Instant,
-}
-
-impl Read for Deadline<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.stream.set_read_timeout(Some(left))?;
-        let mut stream = self.stream;
-        stream.read(buf)
-    }
-}
-
-/// Sends a reply, stamped with this receiver's id.
-fn reply(state: &State, stream: &mut TcpStream, r: &Reply) -> bool {
-    let mut r = r.clone();
-    r.receiver = state.receiver;
-    let mut buf = Vec::new();
-    r.encode(&mut buf);
-    stream.write_all(&buf).is_ok()
-}
-
 fn violation(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
@@ -365,7 +304,7 @@ fn receive(
         };
         if h.kind == Kind::Cancel {
             let reason = reader.small_payload(&h)?;
-            return Ok(Some(String::from_utf8_lossy(&reason).into_owned()));
+            return Ok(Some(shown(&String::from_utf8_lossy(&reason))));
         }
         if h.kind != Kind::Foot {
             return Err(violation(format!(

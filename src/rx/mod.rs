@@ -18,6 +18,7 @@ use crate::signals::Reporter;
 use crate::stats::{human_bytes, LinkState};
 use crate::{net, report, Summary};
 use crossbeam_channel::{RecvTimeoutError, Sender};
+pub use state::random_id;
 use state::{Progress, State};
 use std::fmt::Write as _;
 use std::fs::File;
@@ -28,8 +29,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Connections allowed to be in their handshake at once; more are dropped.
-const MAX_HANDSHAKING: usize = 64;
 /// How long to wait, after the stream ended, for senders to close.
 const LINGER: Duration = Duration::from_secs(5);
 /// How long a complete stream waits for the sender to show that it knows
@@ -325,45 +324,25 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
         .map_err(|e| Error::io(format!("spawn thread {name}"), e))
 }
 
-/// Accepts connections forever, each on a thread of its own.
+/// Accepts connections forever, each on a thread of its own, through the
+/// handshake gate.
 fn accept(
     state: &Arc<State>,
     listener: &TcpListener,
     feet: &Sender<Arrived>,
     events: &Sender<Event>,
 ) {
-    for incoming in listener.incoming() {
-        let stream = match incoming {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("accept: {e}");
-                // Out of descriptors or similar: do not spin on it.
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        let peer = match stream.peer_addr() {
-            Ok(p) => p,
-            Err(_) => continue,
-        };
-        if state.handshaking.load(Ordering::Relaxed) >= MAX_HANDSHAKING {
-            log::warn!("{peer}: dropped: {MAX_HANDSHAKING} connections are already handshaking");
-            state.refused.fetch_add(1, Ordering::Relaxed);
-            net::abortive_close(&stream);
-            continue;
-        }
-        state.handshaking.fetch_add(1, Ordering::Relaxed);
+    net::accept_loop(listener, |stream, peer| {
+        let pass = state.gate.enter(&stream, peer.ip());
         let (state, feet, events) = (Arc::clone(state), feet.clone(), events.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("rx-conn-{peer}"))
-            .spawn(move || {
-                let guard = Handshaking(&state);
-                conn::handle(&state, stream, peer, &feet, &events, guard);
-            });
+            .spawn(move || conn::handle(&state, stream, peer, &feet, &events, pass));
         if let Err(e) = spawned {
             log::warn!("{peer}: no thread for the connection: {e}");
         }
-    }
+        true
+    });
 }
 
 /// Keeps one connection to a listening sender open until the stream ends:
@@ -386,8 +365,8 @@ fn dial(
         });
         match connected {
             Ok((stream, peer)) => {
-                state.handshaking.fetch_add(1, Ordering::Relaxed);
-                conn::handle(state, stream, peer, feet, events, Handshaking(state));
+                let pass = state.gate.enter(&stream, peer.ip());
+                conn::handle(state, stream, peer, feet, events, pass);
                 backoff = DIAL_BACKOFF_START;
             }
             Err(e) => log::debug!("connect to {dest}: {e}"),
@@ -405,15 +384,6 @@ fn dial(
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_BACKOFF_START: Duration = Duration::from_millis(100);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Counts a connection as handshaking until dropped.
-pub struct Handshaking<'a>(&'a State);
-
-impl Drop for Handshaking<'_> {
-    fn drop(&mut self) {
-        self.0.handshaking.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// The SIGUSR1 report.
 fn report(state: &State) -> String {
@@ -438,7 +408,7 @@ fn report(state: &State) -> String {
     let _ = writeln!(
         out,
         "  connections {receiving} up, {} handshaking, {} refused; {buffered} feet buffered ({} out of order); duplicates {duplicates}; next foot {delivered}; total {}",
-        state.handshaking.load(Ordering::Relaxed),
+        state.gate.open(),
         state.refused.load(Ordering::Relaxed),
         state.reorder_feet.load(Ordering::Relaxed),
         human_bytes(written),

@@ -5,8 +5,7 @@
 use super::outbox::{End, Outbox};
 use crate::config::Config;
 use crate::pool::Pool;
-use crate::protocol::handshake::{FLAG_AUTH, FLAG_ENCRYPT, KNOWN_FLAGS};
-use crate::protocol::{Hello, Reason, Reply, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
+use crate::protocol::{Hello, Reason, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
 use crate::report;
 use crate::stats::{Clock, Link};
 use std::collections::BTreeMap;
@@ -68,8 +67,8 @@ pub struct State {
     pub refused: AtomicU64,
     /// Whether the stream's feet carry checksums.
     pub checksummed: AtomicBool,
-    /// Connections still in their handshake.
-    pub handshaking: AtomicUsize,
+    /// Connections in their handshake, at most so many per source.
+    pub gate: std::sync::Arc<crate::net::Gate>,
     /// Payload bytes received and not yet written or dropped.
     buffered: AtomicU64,
     /// Throughput clock.
@@ -91,13 +90,13 @@ pub enum Admission {
     Accept(Session, u64),
     /// Tell the sender everything is written already.
     Complete(u64),
-    /// Refuse it.
-    Reject(Reply),
+    /// Refuse it, for this reason.
+    Reject(Reason, String),
 }
 
 /// A random receiver id; a fixed one if the system has no randomness,
 /// which only weakens tx's check for a restarted receiver.
-fn random_id() -> [u8; 8] {
+pub fn random_id() -> [u8; 8] {
     let mut id = [0u8; 8];
     if getrandom::getrandom(&mut id).is_err() {
         id = std::process::id()
@@ -112,7 +111,9 @@ fn random_id() -> [u8; 8] {
 impl State {
     /// Fresh state for a receiver.
     pub fn new(config: Config) -> State {
+        let receiver = config.local_receiver.unwrap_or_else(random_id);
         State {
+            receiver,
             config,
             session: Mutex::new(None),
             progress: Mutex::new(Progress::Running),
@@ -124,12 +125,11 @@ impl State {
             duplicates: AtomicU64::new(0),
             reorder_feet: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
-            handshaking: AtomicUsize::new(0),
+            gate: crate::net::Gate::new(),
             buffered: AtomicU64::new(0),
             checksummed: AtomicBool::new(false),
             clock: Clock::new(),
             pool: OnceLock::new(),
-            receiver: random_id(),
             closed: Mutex::new(Vec::new()),
             output_open: Mutex::new(true),
             confirmed: Mutex::new(None),
@@ -140,49 +140,10 @@ impl State {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The checks that need no session: checkphrase, flags, keys on both
-    /// sides or neither, and parameters within this receiver's bounds. They
-    /// run before authentication; [`State::admit`] runs after it.
-    pub fn check(&self, hello: &Hello) -> Result<(), Reply> {
-        let reject = |reason, msg: String| Err(Reply::reject(reason, msg));
-        if hello.checkphrase != self.config.checkphrase {
-            return reject(Reason::Checkphrase, "checkphrase mismatch".into());
-        }
-        if hello.flags & !KNOWN_FLAGS != 0 {
-            return reject(
-                Reason::Other,
-                format!("unsupported feature flags {:#06x}", hello.flags),
-            );
-        }
-        let auth = hello.flags & FLAG_AUTH != 0;
-        match (&self.config.key, auth) {
-            (Some(_), false) => {
-                return reject(
-                    Reason::Auth,
-                    "this receiver requires a key: give the sender --key-file".into(),
-                )
-            }
-            (None, true) => {
-                return reject(
-                    Reason::Auth,
-                    "this receiver has no key: give it --key-file too".into(),
-                )
-            }
-            (None, false) if hello.flags & FLAG_ENCRYPT != 0 => {
-                return reject(Reason::Auth, "encryption needs a key on both sides".into())
-            }
-            (Some(_), true) if hello.extension.len() != crate::crypto::NONCE_LEN => {
-                return reject(Reason::Auth, "malformed authentication data".into())
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-
     /// Decides whether a sender may join; the first acceptable one fixes the
     /// session.
     pub fn admit(&self, hello: &Hello) -> Admission {
-        let reject = |reason, msg: String| Admission::Reject(Reply::reject(reason, msg));
+        let reject = Admission::Reject;
         let bytes = u64::from(hello.foot_size) * u64::from(hello.window);
         if hello.foot_size == 0
             || hello.foot_size > MAX_FOOT

@@ -93,7 +93,7 @@ struct Crew {
 /// How a worker gets its connections.
 enum Source {
     Dial(Destination),
-    Accept(crossbeam_channel::Receiver<TcpStream>),
+    Accept(crossbeam_channel::Receiver<DialedIn>),
 }
 
 fn spawn_worker(crew: &Arc<Crew>, w: usize, source: Source) -> Result<()> {
@@ -123,48 +123,80 @@ fn spawn_worker(crew: &Arc<Crew>, w: usize, source: Source) -> Result<()> {
         .map_err(|e| Error::io("spawn worker thread", e))
 }
 
+/// A connection the receiver dialed, on its way to its slot's worker: its
+/// place in the handshake gate, and when its handshake must be over (one
+/// deadline for the preamble and the handshake).
+pub struct DialedIn {
+    stream: TcpStream,
+    _pass: net::Pass,
+    deadline: Instant,
+}
+
+impl DialedIn {
+    /// The stream, when its handshake must be over, and its place in the
+    /// gate (to keep until the handshake is).
+    pub fn into_parts(self) -> (TcpStream, Instant, net::Pass) {
+        (self.stream, self.deadline, self._pass)
+    }
+}
+
 /// Takes the receiver's connections, reads which slot each is for, and
-/// gives it to that slot's worker (started on its first connection).
+/// gives it to that slot's worker (started on its first connection). Anyone
+/// may dial in: the preamble has the handshake's deadline, the gate bounds
+/// how many are in their handshake, and a slot holds one waiting
+/// connection at most.
 fn accept(crew: &Arc<Crew>, listener: &TcpListener) {
-    let workers: Arc<Mutex<HashMap<usize, crossbeam_channel::Sender<TcpStream>>>> = Arc::default();
-    for incoming in listener.incoming() {
+    let workers: Arc<Mutex<HashMap<usize, crossbeam_channel::Sender<DialedIn>>>> = Arc::default();
+    let gate = net::Gate::new();
+    net::accept_loop(listener, |stream, peer| {
         if crew.window.is_finished() {
-            break;
+            return false;
         }
-        let Ok(mut stream) = incoming else { continue };
+        let pass = gate.enter(&stream, peer.ip());
         let (crew, workers) = (Arc::clone(crew), Arc::clone(&workers));
         let _ = std::thread::Builder::new()
             .name("tx-dial-in".into())
             .spawn(move || {
+                let deadline = Instant::now() + crew.config.handshake_timeout;
                 let mut b = [0u8; DIAL_LEN];
-                let read = stream
-                    .set_read_timeout(Some(crew.config.handshake_timeout))
-                    .and_then(|()| stream.read_exact(&mut b));
+                let read = net::Deadline {
+                    stream: &stream,
+                    until: deadline,
+                }
+                .read_exact(&mut b);
                 let dial = match read
                     .map_err(|e| e.to_string())
                     .and_then(|()| Dial::decode(&b).map_err(|e| e.to_string()))
                 {
                     Ok(d) => d,
-                    Err(e) => return log::warn!("incoming connection dropped: {e}"),
+                    Err(e) => return log::info!("{peer}: dropped: {e}"),
                 };
                 let (rank, index) = (usize::from(dial.rank), usize::from(dial.index));
                 if rank >= DIAL_RANKS || index >= DIAL_INDEXES {
-                    return log::warn!(
-                        "incoming connection dropped: rank {rank} #{index} is out of range"
-                    );
+                    return log::info!("{peer}: dropped: rank {rank} #{index} is out of range");
                 }
                 let slot = rank * DIAL_INDEXES + index;
                 let mut workers = workers.lock().unwrap_or_else(|p| p.into_inner());
                 let sender = workers.entry(slot).or_insert_with(|| {
-                    let (tx, rx) = crossbeam_channel::unbounded();
+                    let (tx, rx) = crossbeam_channel::bounded(1);
                     if let Err(e) = spawn_worker(&crew, slot, Source::Accept(rx)) {
                         log::error!("{e}");
                     }
                     tx
                 });
-                let _ = sender.send(stream);
+                let dialed = DialedIn {
+                    stream,
+                    _pass: pass,
+                    deadline,
+                };
+                if sender.try_send(dialed).is_err() {
+                    log::info!(
+                        "{peer}: dropped: rank {rank} #{index} already has a connection waiting"
+                    );
+                }
             });
-    }
+        true
+    });
 }
 
 /// Sends `input` over the given connections; `run` with any readable input.
@@ -199,7 +231,7 @@ pub fn send(
     let accepting = matches!(connections, Connections::Accept(_));
     if accepting {
         // The receiver decides which connections exist; none is "coming".
-        window.skip_first_attempts();
+        window.accepting();
     }
     let links: Arc<Vec<Link>> = Arc::new(labels.into_iter().map(Link::new).collect());
     let clock = Arc::new(Clock::new());

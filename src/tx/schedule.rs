@@ -88,6 +88,12 @@ pub const STALL_FIRST: Duration = Duration::from_secs(5);
 pub const STALL_MIN: Duration = Duration::from_secs(2);
 /// The longest silence a connection is allowed, however irregular it is.
 pub const STALL_MAX: Duration = Duration::from_secs(30);
+/// Refusals from receivers that did not prove the key end the transfer
+/// only while no connection was ever made, and only once they have gone on
+/// this long: a peer that has not proved the key may be anyone, and a
+/// stranger must not end a stream, but a user whose receiver refuses (busy,
+/// another checkphrase, no key) hears it within seconds.
+pub const REFUSAL_GRACE: Duration = Duration::from_secs(3);
 /// A connection is stalled after this many of its usual gaps without a sign.
 const STALL_GAPS: u32 = 6;
 /// At the very end, an idle connection sends a copy of a piece lagging on
@@ -269,6 +275,13 @@ pub struct Schedule {
     stuck: bool,
     grace_until: Instant,
     last_error: Option<String>,
+    /// Whether any connection was ever made.
+    ever_connected: bool,
+    /// Whether refusals may end the transfer at the start (not when the
+    /// receiver dials in: whoever dials may be a stranger).
+    refusals_end: bool,
+    /// Refused since then, and the latest refusal, while none ever was.
+    refused: Option<(Instant, String)>,
     finished: bool,
     outcome: Option<Result<u64, Error>>,
     retransmits: u64,
@@ -325,6 +338,9 @@ impl Schedule {
             stuck: false,
             grace_until: now + FIRST_ATTEMPT_GRACE,
             last_error: None,
+            ever_connected: false,
+            refusals_end: true,
+            refused: None,
             finished: false,
             outcome: None,
             retransmits: 0,
@@ -771,6 +787,8 @@ impl Schedule {
             self.connected += 1;
             self.lost_since = None;
         }
+        self.ever_connected = true;
+        self.refused = None;
         self.wake_all();
         self.settle(now);
     }
@@ -812,11 +830,14 @@ impl Schedule {
         true
     }
 
-    /// No slot is on a first connection attempt (when the receiver dials).
-    pub fn skip_first_attempts(&mut self) {
+    /// The receiver dials in (reverse mode): no slot is on a first
+    /// connection attempt, and no refusal ends the transfer, since anyone
+    /// may dial in.
+    pub fn accepting(&mut self) {
         for slot in &mut self.slots {
             slot.first_attempt = false;
         }
+        self.refusals_end = false;
     }
 
     // ---- time --------------------------------------------------------------
@@ -841,6 +862,7 @@ impl Schedule {
             .map(|s| s.heard + s.stall_limit());
         let lost = self.lost_since.map(|t| t + timeout);
         let stuck = self.stuck.then(|| self.motion + timeout);
+        let refused = self.refused.as_ref().map(|r| r.0 + REFUSAL_GRACE);
         // Waits that end by themselves matter only where a worse rank waits.
         let ranked = self.ranks > 1;
         let grace = (ranked && now < self.grace_until).then_some(self.grace_until);
@@ -858,6 +880,7 @@ impl Schedule {
         stalls
             .chain(lost)
             .chain(stuck)
+            .chain(refused)
             .chain(grace)
             .chain(patience)
             .min()
@@ -891,7 +914,13 @@ impl Schedule {
             .last_error
             .clone()
             .unwrap_or_else(|| "no connection".into());
-        if self.lost_since.is_some_and(|t| now >= t + timeout) {
+        if let Some((_, why)) = self
+            .refused
+            .as_ref()
+            .filter(|(since, _)| now >= *since + REFUSAL_GRACE)
+        {
+            self.finish(Err(Error::Peer(why.clone())));
+        } else if self.lost_since.is_some_and(|t| now >= t + timeout) {
             self.finish(Err(Error::GaveUp(format!(
                 "no connection to the receiver for {} s, giving up (last error: {why})",
                 timeout.as_secs()
@@ -931,6 +960,17 @@ impl Schedule {
     /// given if the transfer is abandoned.
     pub fn note_error(&mut self, e: String) {
         self.last_error = Some(e);
+    }
+
+    /// A connection attempt was refused by a peer that did not prove the
+    /// key (see [`REFUSAL_GRACE`]).
+    pub fn refused(&mut self, why: String, now: Instant) {
+        if !self.ever_connected && self.refusals_end {
+            let since = self.refused.as_ref().map_or(now, |r| r.0);
+            self.refused = Some((since, why.clone()));
+            self.effects.timer = true;
+        }
+        self.last_error = Some(why);
     }
 
     /// Ends the transfer: `Ok(bytes)` when rx confirmed everything, or the

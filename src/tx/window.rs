@@ -207,9 +207,9 @@ impl Window {
         self.with(|s, now| s.attempt_failed(w, now));
     }
 
-    /// No slot is on a first connection attempt (when the receiver dials).
-    pub fn skip_first_attempts(&self) {
-        self.with(|s, _| s.skip_first_attempts());
+    /// The receiver dials in (reverse mode); see [`Schedule::accepting`].
+    pub fn accepting(&self) {
+        self.with(|s, _| s.accepting());
     }
 
     /// Checks that a connection reached the same receiver process as every
@@ -224,6 +224,13 @@ impl Window {
     /// given if the transfer is abandoned.
     pub fn note_error(&self, e: String) {
         self.with(|s, _| s.note_error(e));
+    }
+
+    /// A connection attempt was refused by a peer that did not prove the
+    /// key: it ends the transfer only if nothing but such refusals comes at
+    /// the start (see the schedule).
+    pub fn refused(&self, why: String) {
+        self.with(|s, now| s.refused(why, now));
     }
 
     /// Ends the transfer: `Ok(bytes)` when rx confirmed everything, or the

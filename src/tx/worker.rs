@@ -6,11 +6,12 @@
 //! notices a failure first shuts the socket down, which wakes the other.
 
 use super::window::{Closer, Next, Window};
+use super::DialedIn;
 use crate::config::{Config, Destination};
-use crate::crypto::{self, Opener, Sealer, NONCE_LEN, PROOF_LEN};
-use crate::error::Error;
-use crate::protocol::handshake::{FLAG_AUTH, FLAG_CHECKSUMS, FLAG_ENCRYPT};
-use crate::protocol::{Header, Hello, Kind, Status, FLAG_COMPRESSED};
+use crate::crypto::{self, Opener, Sealer};
+use crate::error::{shown, Error};
+use crate::protocol::negotiate::{Offer, Terms, TxNegotiation, TxStep};
+use crate::protocol::{Header, Kind, FLAG_COMPRESSED};
 use crate::stats::{Link, LinkState};
 use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
@@ -18,7 +19,7 @@ use crossbeam_channel::Receiver;
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::ops::ControlFlow;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zstd::bulk::Compressor;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -44,7 +45,11 @@ pub struct Shared<'a> {
 enum OpenError {
     /// Worth another try later.
     Retry(String),
-    /// The receiver refused us: the whole transfer stops.
+    /// The receiver (or whoever answered) refused without proving the key:
+    /// anyone could have, so it ends nothing, but is told to the schedule,
+    /// which gives up if nothing but refusals comes at the start.
+    Refused(String),
+    /// The receiver proved the key and refused: the whole transfer stops.
     Fatal(Error),
 }
 
@@ -54,7 +59,10 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     let mut connections = 0u64;
     while !shared.window.is_finished() {
         link.set_state(LinkState::Connecting);
-        let opened = dial(shared, dest).and_then(|s| handshake(shared, w, s, dest));
+        let opened = dial(shared, dest).and_then(|s| {
+            let deadline = Instant::now() + shared.config.handshake_timeout;
+            handshake(shared, w, s, deadline, true, dest)
+        });
         match use_connection(shared, w, opened, link, &mut connections) {
             ControlFlow::Break(()) => break,
             ControlFlow::Continue(true) => backoff = BACKOFF_START,
@@ -77,18 +85,19 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
 
 /// Runs worker `w` on the connections the receiver makes to us (reverse
 /// mode): each stream that arrives for this slot, until the run is over.
-pub fn run_accepted(shared: &Shared, w: usize, streams: &Receiver<TcpStream>, link: &Link) {
+pub fn run_accepted(shared: &Shared, w: usize, streams: &Receiver<DialedIn>, link: &Link) {
     let mut connections = 0u64;
     while !shared.window.is_finished() {
         link.set_state(LinkState::Connecting);
-        let stream = crossbeam_channel::select! {
+        let dialed = crossbeam_channel::select! {
             recv(streams) -> s => match s {
                 Ok(s) => s,
                 Err(_) => break,
             },
             recv(shared.stop) -> _ => break,
         };
-        let opened = handshake(shared, w, stream, &link.peer);
+        let (stream, deadline, _pass) = dialed.into_parts();
+        let opened = handshake(shared, w, stream, deadline, false, &link.peer);
         if use_connection(shared, w, opened, link, &mut connections).is_break() {
             break;
         }
@@ -125,6 +134,11 @@ fn use_connection(
             log::debug!("worker {w}: {e}");
             shared.window.note_error(e);
         }
+        Err(OpenError::Refused(e)) => {
+            shared.window.attempt_failed(w);
+            log::debug!("worker {w}: {e}");
+            shared.window.refused(e);
+        }
     }
     ControlFlow::Continue(false)
 }
@@ -145,132 +159,109 @@ fn dial(shared: &Shared, dest: &Destination) -> Result<TcpStream, OpenError> {
         .map_err(|e| OpenError::Retry(format!("connect to {dest}: {e}")))
 }
 
-/// Completes the handshake on a new connection to `peer` (proving the key,
-/// if there is one).
+/// Runs tx's end of the handshake ([`TxNegotiation`]) on a new connection
+/// to `dest`, within one deadline: writes what the negotiation says, reads
+/// rx's answers, and turns the outcome into a connection to serve or a
+/// failed attempt. Only a refusal from a receiver that proved the key can
+/// end the transfer; a peer at a destination the user named (`dialed`) is
+/// also believed when it says the stream is complete or is another
+/// receiver, as far as anything can be without a key, while one that
+/// dialed in may be anyone.
 fn handshake(
     shared: &Shared,
     w: usize,
     mut stream: TcpStream,
+    deadline: Instant,
+    dialed: bool,
     dest: &dyn std::fmt::Display,
 ) -> Result<Opened, OpenError> {
     let c = shared.config;
     let retry =
         |what: &str, e: &dyn std::fmt::Display| OpenError::Retry(format!("{what} {dest}: {e}"));
-    let fatal = |msg: String| OpenError::Fatal(Error::Peer(format!("{dest}: {msg}")));
     net::tune(&stream, &c.socket).map_err(|e| retry("set options on connection to", &e))?;
-    stream
-        .set_read_timeout(Some(c.handshake_timeout))
-        .map_err(|e| retry("set timeout on", &e))?;
-    let tx_nonce = match &c.key {
-        Some(_) => Some(crypto::nonce().map_err(OpenError::Fatal)?),
-        None => None,
-    };
-    let mut flags = 0;
-    if tx_nonce.is_some() {
-        flags |= FLAG_AUTH;
-    }
-    if c.encrypt {
-        flags |= FLAG_ENCRYPT;
-    }
-    if c.checksums {
-        flags |= FLAG_CHECKSUMS;
-    }
-    let hello = Hello {
-        flags,
-        checkphrase: c.checkphrase,
+    let offer = Offer {
+        terms: Terms {
+            checkphrase: c.checkphrase,
+            key: c.key.clone(),
+            encrypt: c.encrypt,
+            checksums: c.checksums,
+        },
         session: shared.session,
         foot_size: c.foot_size,
         window: c.window,
         worker: w as u16,
-        extension: tx_nonce.map(Vec::from).unwrap_or_default(),
     };
-    let mut hello_bytes = Vec::new();
-    hello.encode(&mut hello_bytes);
+    let nonce = crypto::nonce().map_err(OpenError::Fatal)?;
+    let (mut negotiation, hello) = TxNegotiation::new(&offer, nonce);
     stream
-        .write_all(&hello_bytes)
+        .write_all(&hello)
         .map_err(|e| retry("handshake with", &e))?;
-    let mut reply = wire::read_reply(&mut stream).map_err(|e| retry("handshake with", &e))?;
-    let mut rx_nonce = None;
-    match (&c.key, reply.status) {
-        (Some(key), Status::Challenge) => {
-            // rx proves the key first; only then does tx prove it, so a
-            // receiver without the key learns nothing it could replay.
-            let ext = &reply.extension;
-            if ext.len() != NONCE_LEN + PROOF_LEN {
-                return Err(fatal("malformed authentication challenge".into()));
+    let agreed = loop {
+        let mut input = net::Deadline {
+            stream: &stream,
+            until: deadline,
+        };
+        let (_, answer) =
+            wire::read_reply_bytes(&mut input).map_err(|e| retry("handshake with", &e))?;
+        match negotiation.on_reply(&answer) {
+            TxStep::Send(proof) => stream
+                .write_all(&proof)
+                .map_err(|e| retry("handshake with", &e))?,
+            TxStep::Accepted(agreed) => break agreed,
+            TxStep::Complete { bytes, proven } if proven || dialed => {
+                shared.window.finish(Ok(bytes));
+                return Err(OpenError::Retry(format!("{dest}: stream already complete")));
             }
-            let (nonce, proof) = ext.split_at(NONCE_LEN);
-            if !crypto::proofs_match(&key.rx_proof(&hello_bytes, nonce), proof) {
-                return Err(fatal(
-                    "the receiver could not prove the key: the key files differ".into(),
-                ));
+            TxStep::Complete { .. } => {
+                return Err(OpenError::Refused(format!(
+                    "{dest}: a peer that did not prove the key says the stream is complete"
+                )));
             }
-            let mut challenge = Vec::new();
-            reply.encode(&mut challenge);
-            stream
-                .write_all(&key.tx_proof(&hello_bytes, &challenge))
-                .map_err(|e| retry("handshake with", &e))?;
-            rx_nonce = Some(nonce.to_vec());
-            reply = wire::read_reply(&mut stream).map_err(|e| retry("handshake with", &e))?;
+            TxStep::Refused(r) => {
+                let msg = format!("{dest}: refused the connection: {}", shown(&r.message));
+                return Err(match r.proven {
+                    true => OpenError::Fatal(Error::Peer(msg)),
+                    false => OpenError::Refused(msg),
+                });
+            }
         }
-        (None, Status::Challenge) => {
-            return Err(fatal(
-                "the receiver requires a key: give --key-file on both sides".into(),
-            ))
-        }
-        (Some(_), Status::Accept | Status::Complete) => {
-            return Err(fatal("the receiver did not authenticate itself".into()))
-        }
-        _ => {}
+    };
+    let proven = agreed.nonces.is_some();
+    if proven && c.local_receiver == Some(agreed.receiver) {
+        // Our own receiver, in a two-way pipe, proving the key: the
+        // connection was relayed back (without a key, a loop back to
+        // itself is what the user asked for).
+        return Err(OpenError::Refused(format!(
+            "{dest}: reached this process's own receiver (a reflected connection)"
+        )));
+    }
+    if !shared.window.same_receiver(agreed.receiver) {
+        let msg = format!(
+            "{dest}: not the receiver the stream started with (a different rx, or one that was restarted): every destination must reach the same rx"
+        );
+        return Err(match proven || dialed {
+            true => OpenError::Fatal(Error::Peer(msg)),
+            false => OpenError::Refused(msg),
+        });
+    }
+    if !shared.window.advance(agreed.delivered) {
+        return Err(OpenError::Refused(format!(
+            "{dest}: the receiver claims {} pieces written, more than were sent",
+            agreed.delivered
+        )));
     }
     stream
         .set_read_timeout(None)
         .map_err(|e| retry("set timeout on", &e))?;
-    if reply.status != Status::Reject && !shared.window.same_receiver(reply.receiver) {
-        return Err(fatal(
-            "not the receiver the stream started with (a different rx, or one that was restarted): every destination must reach the same rx".into(),
-        ));
-    }
-    match reply.status {
-        Status::Accept => {
-            let encrypted = reply.flags & FLAG_ENCRYPT != 0;
-            if c.encrypt && !encrypted {
-                return Err(fatal("the receiver did not agree to encrypt".into()));
-            }
-            let channel = match (encrypted, &c.key, tx_nonce, rx_nonce) {
-                (false, ..) => None,
-                (true, Some(key), Some(tx_nonce), Some(rx_nonce)) => {
-                    Some(key.channel(&tx_nonce, &rx_nonce, true))
-                }
-                (true, ..) => return Err(fatal("encryption without authentication".into())),
-            };
-            let checksums = reply.flags & FLAG_CHECKSUMS != 0;
-            if c.checksums && !checksums {
-                return Err(fatal("the receiver did not agree to checksums".into()));
-            }
-            if !shared.window.advance(reply.delivered) {
-                return Err(retry(
-                    "handshake with",
-                    &format!(
-                        "the receiver claims {} pieces written, more than were sent",
-                        reply.delivered
-                    ),
-                ));
-            }
-            Ok(Opened {
-                stream,
-                channel,
-                checksums,
-            })
-        }
-        Status::Complete => {
-            shared.window.finish(Ok(reply.delivered));
-            Err(OpenError::Retry(format!("{dest}: stream already complete")))
-        }
-        Status::Reject | Status::Challenge => {
-            Err(fatal(format!("refused the connection: {}", reply.message)))
-        }
-    }
+    let channel = match (&c.key, agreed.nonces) {
+        (Some(key), Some(n)) => Some(key.channel(&n.tx, &n.rx, true, agreed.encrypt)),
+        _ => None,
+    };
+    Ok(Opened {
+        stream,
+        channel,
+        checksums: agreed.checksums,
+    })
 }
 
 /// Sends feet on an established connection until it fails or the transfer
@@ -424,7 +415,7 @@ fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
                 }
                 Kind::Done => window.finish(Ok(h.id)),
                 Kind::Abort => {
-                    let msg = String::from_utf8_lossy(&payload).into_owned();
+                    let msg = shown(&String::from_utf8_lossy(&payload));
                     window.finish(Err(Error::Peer(msg)));
                 }
                 Kind::Foot | Kind::Cancel => {
