@@ -20,8 +20,9 @@
 //! keeps its id and bytes until the receiver has it.
 //!
 //! **Who gets a piece.** A connection may take one while it has fewer than
-//! `inflight` unacknowledged (or less than it delivers in [`CONN_TIME`]:
-//! small feet on a long fat path), and while its destination (its *rank*) has
+//! `inflight` unacknowledged (or less than it delivers in two of its round
+//! trips: small feet on a long fat path), and while its destination (its
+//! *rank*) has
 //! fewer unacknowledged bytes than it has shown it can deliver in
 //! [`BUDGET_TIME`] (at least [`START_BUDGET`]): at the start, a few
 //! connections carry the first pieces, and more join as acknowledgements show
@@ -101,10 +102,10 @@ const STALL_GAPS: u32 = 6;
 /// than this share of the time the original still needs.
 const COPY_GAIN: f64 = 0.5;
 /// Beyond `inflight` pieces, a connection may have what it delivers in this
-/// long unacknowledged: with small feet on a long fat path, two pieces do
-/// not fill the pipe. Longer than any round trip, so what a connection is
-/// allowed grows until its path, not the allowance, limits it.
-pub const CONN_TIME: f64 = 1.0;
+/// many of its shortest piece times unacknowledged: with small feet on a
+/// long fat path two pieces do not fill the pipe, and on a short one this
+/// is less than two pieces, so nothing more piles up in socket buffers.
+pub const ALLOWANCE_RTTS: f64 = 2.0;
 
 /// A numbered piece of the input.
 #[derive(Debug, PartialEq, Eq)]
@@ -187,6 +188,9 @@ struct Slot {
     rate: Option<f64>,
     /// Bytes acknowledged on this connection so far.
     acked: u64,
+    /// Its shortest time from hand-out to acknowledgement (drifting up
+    /// slowly, so it follows a path that gets longer).
+    quickest: Option<Duration>,
     /// The last sign of progress, or when the connection last became busy.
     heard: Instant,
     /// Smoothed gap between signs of progress while busy.
@@ -309,6 +313,7 @@ impl Schedule {
                 piece: initial,
                 rate: None,
                 acked: 0,
+                quickest: None,
                 heard: now,
                 gap: None,
                 progress: 0,
@@ -437,13 +442,15 @@ impl Schedule {
     }
 
     /// Connected with fewer than `inflight` pieces unacknowledged, or less
-    /// than it delivers in [`CONN_TIME`].
+    /// than it delivers in [`ALLOWANCE_RTTS`] of its quickest piece times.
     fn has_slot_room(&self, w: usize) -> bool {
         let s = &self.slots[w];
+        let allowance = match (s.rate, s.quickest) {
+            (Some(r), Some(q)) => r * q.as_secs_f64() * ALLOWANCE_RTTS,
+            _ => 0.0,
+        };
         s.connected
-            && (s.inflight.len() < self.params.inflight
-                || s.rate
-                    .is_some_and(|r| (s.inflight_bytes() as f64) < r * CONN_TIME))
+            && (s.inflight.len() < self.params.inflight || (s.inflight_bytes() as f64) < allowance)
     }
 
     /// Whether worker `w` may take a piece now, by the counts.
@@ -712,6 +719,10 @@ impl Schedule {
             // releases what queued behind it, do not make a connection
             // look infinitely fast.
             let took = now.saturating_duration_since(p.at);
+            slot.quickest = Some(match slot.quickest {
+                Some(q) if q <= took => q + (took - q) / 64,
+                _ => took,
+            });
             let sample = (slot.acked - p.acked) as f64 / took.as_secs_f64().max(1e-3);
             slot.rate = Some(slot.rate.map_or(sample, |r| (r * 3.0 + sample) / 4.0));
             if took < GROW_BELOW && p.len * 2 > slot.piece {
