@@ -291,7 +291,7 @@ fn receive(
     state: &State,
     mut reader: FrameReader<Metered<'_>>,
     session: Session,
-    conn: &super::state::Conn,
+    conn: &Arc<super::state::Conn>,
     feet: &Sender<Arrived>,
 ) -> io::Result<Option<String>> {
     let pool = state.pool(session);
@@ -376,6 +376,7 @@ fn receive(
                 id: h.id,
                 data,
                 end: h.is_end(),
+                by: Arc::clone(conn),
             })
             .is_err()
         {

@@ -45,6 +45,8 @@ pub struct Arrived {
     pub data: crate::pool::Buffer,
     /// Whether it ends the stream.
     pub end: bool,
+    /// The connection it came on (which the window is told on first).
+    pub by: Arc<state::Conn>,
 }
 
 /// What the main thread hears about.
@@ -274,7 +276,7 @@ fn receive_from(
             break;
         }
     }
-    // Waits for a foot being written, so the output ends on a foot boundary.
+    // Waits for a foot being written, so the output ends on a foot's end.
     state.close_output();
     record_side(&state, monitor.finish());
     if config.verbose >= 2 {
