@@ -276,7 +276,7 @@ fn a_sender_out_of_descriptors_does_not_spin() {
         return;
     }
     let mut child = std::process::Command::new("prlimit")
-        .args(["--nofile=24", "--", bin(), "--listen", "127.0.0.1:0"])
+        .args(["--nofile=24", "--", &bin(), "--listen", "127.0.0.1:0"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

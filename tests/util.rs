@@ -19,9 +19,11 @@ use viamillipede::wire;
 /// The longest any process in a test may run.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Path of the binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_viamillipede")
+/// Path of the binary under test. `VIAMILLIPEDE_TEST_BIN` runs the tests against another build instead,
+/// to compare two builds on the same tests.
+pub fn bin() -> String {
+    std::env::var("VIAMILLIPEDE_TEST_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_viamillipede").to_string())
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
