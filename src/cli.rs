@@ -15,7 +15,16 @@ use std::time::Duration;
 
 /// The one-line hint printed after a usage error.
 pub const USAGE_HINT: &str =
-    "usage: viamillipede rx [ADDR:]PORT | tx HOST PORT [tx HOST PORT ...] [threads N] [verbose N] (see --help)";
+    "usage: viamillipede rx [ADDR:]PORT | tx HOST PORT [tx HOST PORT ...] | ssh HOST -- COMMAND [threads N] [verbose N] (see --help)";
+
+/// The forms of the command line, for `--help` and the man page.
+const USAGE: &str = "\
+viamillipede rx [ADDR:]PORT [OPTIONS] > OUTPUT
+       viamillipede tx HOST PORT [tx HOST PORT]... [OPTIONS] < INPUT
+       viamillipede ssh [--pull] HOST [OPTIONS] -- COMMAND...
+       viamillipede tx --listen [ADDR:]PORT [OPTIONS] < INPUT
+       viamillipede rx --connect HOST:PORT [OPTIONS] > OUTPUT
+       viamillipede --genkey FILE | --completions SHELL";
 
 const ABOUT: &str = "A fast, resilient pipe over many TCP connections.";
 
@@ -40,8 +49,13 @@ few MiB for the program itself.
 Send SIGUSR1 (or SIGINFO, where the system has it) to either side for a
 report of every connection on stderr; SIGINT or SIGTERM stops cleanly.";
 
-const EXAMPLES: &str = "\
+/// Examples, for `--help` and the man page.
+pub const EXAMPLES: &str = "\
 Examples:
+  Both ends from one command, over ssh (viamillipede on both hosts):
+    zfs send -R pool/fs@snap | viamillipede ssh backup -- zfs recv -F tank/fs
+    viamillipede ssh --pull backup -- zfs send tank/fs@snap | zfs recv pool/fs
+
   Simple operation:
     viamillipede rx 8834 > /tmp/despair
     cat /tmp/Osymandias | viamillipede tx host1.yoyodyne.com 8834
@@ -87,16 +101,51 @@ Examples:
   Dashed options, on any free port printed by rx:
     viamillipede --rx 0 > out
     viamillipede --tx host:PORT --threads 4 --checkphrase abcd < in
+";
 
-Signals: SIGUSR1 (SIGINFO) prints a report of every connection on stderr;
-SIGUSR2 cycles the log level; SIGINT and SIGTERM stop cleanly.
+/// What the signals do, for `--help` and the man page.
+pub const SIGNALS: &str = "\
+SIGUSR1 (SIGINFO, ^T, where the system has it) prints a report of every
+connection on stderr; SIGUSR2 cycles the log level (warn, info, debug,
+trace); SIGINT and SIGTERM stop cleanly: the other side is told why, and a
+receiver finishes the foot it is writing. A second SIGINT or SIGTERM exits at
+once (when the program reading the output has stopped reading, say).";
 
-Exit status: 0 when every byte was written by the receiver, 1 when the
-transfer failed, 2 for a bad command line, 128 + N when stopped by signal N.";
+/// The exit statuses, for `--help` and the man page.
+pub const EXIT_STATUS: &str = "\
+0 when every byte was written by the receiver (with ssh: and the far command
+exited 0); 1 when the transfer failed, with the reason on stderr; 2 for a bad
+command line or an unusable key file; 128 + N when stopped by signal N (130
+for SIGINT, 143 for SIGTERM).";
+
+/// The files it reads and writes, for the man page.
+pub const FILES: &str = "\
+--key-file FILE (or VIAMILLIPEDE_KEY_FILE): the pre-shared key, 32 random bytes
+or 64 hex digits, readable by its owner only; --genkey FILE writes one.
+--stats-json FILE: written at exit whatever the outcome (checked at start).
+~/.ssh/config and the ssh client's other files: used by viamillipede ssh
+through the system's ssh.";
+
+/// The stats document's schema, for the man page.
+pub const STATS_SCHEMA: &str = r#"{ "schema": "viamillipede-stats/1", "exit_code": 0, "status": "ok" | "failed",
+  "error": null | "why it failed",
+  "sides": [ { "role": "tx" | "rx",
+               "payload_bytes": N, "wire_bytes": N, "seconds": S,
+               "feet": N, "retransmits": N, "reconnects": N,
+               "throughput": [bytes in second 1, second 2, ...],
+               "connections": [ { "peer": "...", "bytes": N, "wire_bytes": N,
+                                  "feet": N, "reconnects": N } ] } ] }
+Fields are only ever added; a run with both rx and tx has two sides."#;
+
+/// After `--help`'s options: the examples, the signals and the exit status.
+fn after_help() -> String {
+    format!("{EXAMPLES}\n\nSignals:\n{SIGNALS}\n\nExit status:\n{EXIT_STATUS}")
+}
 
 /// The dashed command-line definition.
 #[derive(Parser, Debug)]
-#[command(name = "viamillipede", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+#[command(name = "viamillipede", version, about = ABOUT, long_about = LONG_ABOUT,
+          after_help = after_help(), override_usage = USAGE)]
 pub struct Cli {
     /// Receive: listen on [ADDR:]PORT (all addresses, IPv6 and IPv4, when ADDR
     /// is left out; port 0 picks a free port and prints it) and write the
@@ -112,13 +161,13 @@ pub struct Cli {
 
     /// Connections (worker threads) per destination, 1 to 64.
     #[arg(long, value_name = "N", default_value_t = config::DEFAULT_THREADS,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
+          value_parser = |s: &str| number::<u16>(s, 1, 64))]
     pub threads: u16,
 
     /// Log verbosity 0 to 20: 0 warnings and errors, 1 connections and a
     /// summary at exit, 2 debug, 3 and up trace. RUST_LOG overrides it.
     #[arg(long, value_name = "N", default_value_t = 0,
-          value_parser = clap::value_parser!(u8).range(0..=20))]
+          value_parser = |s: &str| number::<u8>(s, 0, 20))]
     pub verbose: u8,
 
     /// A 4-byte phrase both sides must give alike; a sender with another
@@ -133,14 +182,14 @@ pub struct Cli {
     /// Feet (of bytes) tx may run ahead of what rx has written; bounds both
     /// sides' memory (see above).
     #[arg(long, value_name = "FEET", default_value_t = config::DEFAULT_WINDOW,
-          value_parser = clap::value_parser!(u32).range(2..=i64::from(MAX_WINDOW)))]
+          value_parser = |s: &str| number::<u32>(s, 2, u64::from(MAX_WINDOW)))]
     pub window: u32,
 
     /// Feet one connection may have unacknowledged before it is given
     /// another (more while they are less than a second of what it
     /// delivers): a faster connection is acknowledged sooner and carries more.
     #[arg(long, value_name = "FEET", default_value_t = config::DEFAULT_INFLIGHT,
-          value_parser = clap::value_parser!(u32).range(1..=64))]
+          value_parser = |s: &str| number::<u32>(s, 1, 64))]
     pub inflight: u32,
 
     /// Seconds to keep trying when no connection to the peer can be
@@ -148,7 +197,7 @@ pub struct Cli {
     /// delivered, then give up with exit status 1. rx waits without limit
     /// for the first sender, and applies this once a stream started.
     #[arg(long, value_name = "SECS", default_value_t = config::DEFAULT_RECONNECT.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..=86_400 * 365))]
+          value_parser = |s: &str| number::<u64>(s, 1, 86_400 * 365))]
     pub reconnect_timeout: u64,
 
     /// tx: send a pseudo-random stream from SEED instead of stdin (until
@@ -159,7 +208,7 @@ pub struct Cli {
     pub prbs: Option<u64>,
 
     /// Stop after N feet (tx).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = |s: &str| number::<u64>(s, 1, u64::MAX))]
     pub leglimit: Option<u64>,
 
     /// Wait N microseconds before each foot (tx).
@@ -178,7 +227,7 @@ pub struct Cli {
     /// Fault injection (tx): every N-th foot sent, the connection carrying
     /// it is cut in the middle of the foot. The output stays exact; the run
     /// reports how many faults it injected. N is at least 2.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    #[arg(long, value_name = "N", value_parser = |s: &str| number::<u64>(s, 2, u64::MAX))]
     pub chaos: Option<u64>,
 
     /// Tunnel (with rx and tx): accept one TCP connection on PORT and carry
@@ -288,7 +337,7 @@ pub struct Cli {
 
     /// Seconds a new connection has to complete its handshake.
     #[arg(long, value_name = "SECS", default_value_t = config::HANDSHAKE_TIMEOUT.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
+          value_parser = |s: &str| number::<u64>(s, 1, 3600))]
     pub handshake_timeout: u64,
 }
 
@@ -298,20 +347,59 @@ fn parse_checkphrase(s: &str) -> Result<[u8; 4], String> {
         .map_err(|_| format!("checkphrase must be exactly 4 bytes, '{s}' has {}", s.len()))
 }
 
-/// Parses a byte count with an optional K, M or G suffix (powers of 1024).
+/// A whole number from `lo` to `hi`, with a message that says so.
+fn number<T: TryFrom<u64>>(s: &str, lo: u64, hi: u64) -> Result<T, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if n < lo || n > hi {
+        return Err(match hi {
+            u64::MAX => format!("{n} is too small: give {lo} or more"),
+            _ => format!("{n} is out of range: give {lo} to {hi}"),
+        });
+    }
+    T::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// Parses a byte count: a number (a fraction too: `1.5G`) with an
+/// optional unit. K, M, G and T are powers of 1024, as are KiB, MiB, GiB and
+/// TiB; KB, MB, GB and TB are powers of 1000. Case does not matter.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, 'k' | 'K')) => (&t[..i], 10),
-        Some((i, 'm' | 'M')) => (&t[..i], 20),
-        Some((i, 'g' | 'G')) => (&t[..i], 30),
-        _ => (t, 0),
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || {
+        format!(
+            "'{s}' is not a size: a number with an optional unit (K, M, G, T: powers of 1024, as KiB, MiB, GiB; KB, MB, GB: powers of 1000)"
+        )
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (a number with an optional K, M or G)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    let unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => return Err(bad()),
+    };
+    let too_large = || format!("'{s}' is too large");
+    if digits.contains('.') {
+        let f: f64 = digits.parse().map_err(|_| bad())?;
+        let n = (f * unit as f64).round();
+        if !n.is_finite() || n >= u64::MAX as f64 {
+            return Err(too_large());
+        }
+        Ok(n as u64)
+    } else {
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        n.checked_mul(unit).ok_or_else(too_large)
+    }
 }
 
 /// A seed in decimal or, as the original tool's examples give it, hex
@@ -382,6 +470,18 @@ pub fn normalize(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsStrin
             continue;
         };
         let values = &words[i + 1..];
+        let first = values.first().map(|v| v.to_string_lossy());
+        // `tx --listen PORT` and `rx --connect HOST:PORT`, as the reverse
+        // mode reads: the keyword is only a label there.
+        if (word == "tx" && first.as_ref().is_some_and(|v| v.starts_with("--listen")))
+            || (word == "rx" && first.as_ref().is_some_and(|v| v.starts_with("--connect")))
+        {
+            i += 1;
+            continue;
+        }
+        if arity == 2 {
+            one_word_destination(&word, values)?;
+        }
         if values.len() < arity {
             let need = if arity == 2 { "HOST PORT" } else { "a value" };
             return Err(Error::Usage(format!("'{word}' needs {need}")));
@@ -402,6 +502,77 @@ pub fn normalize(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsStrin
         i += 1 + arity;
     }
     Ok(out)
+}
+
+/// Whether `s` is a port number.
+fn is_port(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `tx host:8834` (the keyword takes two words) gets the right spelling.
+fn one_word_destination(word: &str, values: &[OsString]) -> Result<(), Error> {
+    let host = values.first().map(|v| v.to_string_lossy());
+    let port_follows = values.get(1).is_some_and(|v| is_port(&v.to_string_lossy()));
+    let Some((h, p)) = host.as_deref().and_then(|h| h.rsplit_once(':')) else {
+        return Ok(());
+    };
+    if !port_follows && !h.contains(':') && !h.is_empty() && is_port(p) {
+        return Err(Error::Usage(format!(
+            "'{word}' takes the host and the port as two words: {word} {h} {p} (or --{word} {h}:{p})"
+        )));
+    }
+    Ok(())
+}
+
+/// `--tx host 8834` (the dashed option takes one word) gets the right
+/// spelling.
+fn two_word_destination(words: &[OsString]) -> Result<(), Error> {
+    for pair in words.windows(3) {
+        let [opt, host, port] = pair else { continue };
+        let opt = opt.to_string_lossy();
+        let (host, port) = (host.to_string_lossy(), port.to_string_lossy());
+        if matches!(opt.as_ref(), "--tx" | "--connect" | "--initiate")
+            && !host.contains(':')
+            && !host.starts_with('-')
+            && is_port(&port)
+        {
+            let keyword = opt.trim_start_matches('-');
+            let keyword = if keyword == "connect" {
+                "--connect"
+            } else {
+                keyword
+            };
+            return Err(Error::Usage(format!(
+                "{opt} takes HOST:PORT as one word: {opt} {host}:{port} (or {keyword} {host} {port})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The keyword nearest to a word that is not one, if any is near.
+fn nearest_keyword(word: &str) -> Option<&'static str> {
+    const KEYWORDS: [&str; 13] = [
+        "rx",
+        "tx",
+        "threads",
+        "verbose",
+        "checkphrase",
+        "prbs",
+        "leglimit",
+        "delayus",
+        "chaos",
+        "terminate",
+        "initiate",
+        "charmode",
+        "checksums",
+    ];
+    KEYWORDS
+        .into_iter()
+        .map(|k| (strsim::jaro_winkler(word, k), k))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
 }
 
 fn parse_port(s: &str, what: &str) -> Result<u16, Error> {
@@ -557,7 +728,17 @@ impl Cli {
         if let Some(cc) = &self.cc {
             crate::net::check_cc(cc).map_err(Error::Usage)?;
         }
+        if let Some(path) = &self.stats_json {
+            // Found out now, not after the whole transfer.
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(path)
+                .map_err(|e| Error::Usage(format!("--stats-json {}: {e}", path.display())))?;
+        }
+        let ignored = self.ignored_by(&mode);
         Ok(Config {
+            ignored,
             display: crate::monitor::Display {
                 progress: self.progress,
                 size: self.size,
@@ -596,6 +777,46 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// The options given that mean nothing in `mode` (the sender's, given
+    /// to a receiver).
+    fn ignored_by(&self, mode: &Mode) -> Vec<&'static str> {
+        let rx = matches!(mode, Mode::Rx { .. });
+        if !rx && !matches!(mode, Mode::RxConnect { .. }) {
+            return Vec::new();
+        }
+        [
+            ("--compress", self.compress.is_some()),
+            ("--rate", self.rate.is_some()),
+            ("leglimit", self.leglimit.is_some()),
+            ("delayus", self.delayus.is_some()),
+            ("charmode", self.charmode),
+            ("chaos", self.chaos.is_some()),
+            ("--foot-size", self.foot_size != config::DEFAULT_FOOT),
+            ("--inflight", self.inflight != config::DEFAULT_INFLIGHT),
+            ("threads", rx && self.threads != config::DEFAULT_THREADS),
+            ("--bind", rx && self.bind.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, given)| *given)
+        .map(|(name, _)| name)
+        .collect()
+    }
+}
+
+/// The warning for options that mean nothing on this side.
+pub fn ignored_warning(names: &[&str]) -> Option<String> {
+    let (verb, them) = match names.len() {
+        0 => return None,
+        1 => ("means", "it"),
+        _ => ("mean", "them"),
+    };
+    Some(format!(
+        "{} only {verb} something to the sender (tx): the receiver ignores {them}",
+        names.join(", ")
+    ))
+}
+
 /// What parsing a command line led to.
 #[derive(Debug)]
 pub enum Parsed {
@@ -608,6 +829,7 @@ pub enum Parsed {
 /// Parses a whole command line (program name first).
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> {
     let args = normalize(args)?;
+    two_word_destination(&args)?;
     match Cli::try_parse_from(args) {
         Ok(Cli {
             completions: Some(shell),
@@ -628,12 +850,26 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> 
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 Ok(Parsed::Print(e.render().to_string()))
             }
-            _ => {
+            kind => {
                 let text = e.render().to_string();
                 let first = text.lines().next().unwrap_or("invalid command line");
-                Err(Error::Usage(
-                    first.trim_start_matches("error: ").to_string(),
-                ))
+                let mut message = first.trim_start_matches("error: ").to_string();
+                let word = match e.get(clap::error::ContextKind::InvalidArg) {
+                    Some(clap::error::ContextValue::String(w)) => Some(w.clone()),
+                    _ => None,
+                };
+                let near = word
+                    .as_deref()
+                    .filter(|w| !w.starts_with('-'))
+                    .filter(|_| kind == clap::error::ErrorKind::UnknownArgument)
+                    .and_then(nearest_keyword);
+                if let Some(k) = near {
+                    message.push_str(&format!(": did you mean '{k}'?"));
+                } else if let Some(tip) = text.lines().find_map(|l| l.trim().strip_prefix("tip: "))
+                {
+                    message.push_str(&format!(" ({tip})"));
+                }
+                Err(Error::Usage(message))
             }
         },
     }
@@ -799,8 +1035,55 @@ mod tests {
         assert_eq!(parse_size("2M"), Ok(2 << 20));
         assert_eq!(parse_size("512k"), Ok(512 << 10));
         assert_eq!(parse_size("7"), Ok(7));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("100MiB"), Ok(100 << 20));
+        assert_eq!(parse_size("2 KB"), Ok(2000));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert!(parse_size("x").is_err());
+        assert!(parse_size("1.5X").unwrap_err().contains("powers of 1000"));
         assert!(parse_size("99999999999999G").is_err());
+        assert!(parse_size("1e30").is_err());
+    }
+
+    #[test]
+    fn the_reverse_forms_read_as_the_recipes_write_them() {
+        assert_eq!(
+            config("tx --listen 8834").unwrap(),
+            config("--listen 8834").unwrap()
+        );
+        assert_eq!(
+            config("rx --connect h:1 threads 2").unwrap(),
+            config("--connect h:1 --threads 2").unwrap()
+        );
+    }
+
+    #[test]
+    fn near_misses_get_the_right_spelling() {
+        assert!(usage("rx 1 thread 4").contains("did you mean 'threads'"));
+        assert!(usage("tx h 1 verbos 2").contains("did you mean 'verbose'"));
+        assert!(usage("--tx localhost 8834").contains("--tx localhost:8834"));
+        assert!(usage("tx localhost:8834").contains("tx localhost 8834"));
+        // An IPv6 literal is two words as it should be.
+        assert!(config("tx ::1 8834").is_ok());
+        assert!(usage("rx 1 threads 65").contains("1 to 64"));
+        assert!(usage("rx 1 --window 1").contains("2 to"));
+        assert!(usage("tx h 1 chaos 1").contains("2 or more"));
+        assert!(!usage("rx 1 --threds 2").contains(".."));
+    }
+
+    #[test]
+    fn sender_options_on_a_receiver_are_named() {
+        let c = config("rx 1 --compress threads 4 --rate 1M").unwrap();
+        assert_eq!(c.ignored, ["--compress", "--rate", "threads"]);
+        assert!(config("tx h 1 --compress").unwrap().ignored.is_empty());
+        // A receiver that dials uses threads.
+        assert!(config("--connect h:1 threads 4")
+            .unwrap()
+            .ignored
+            .is_empty());
+        let w = ignored_warning(&c.ignored).unwrap();
+        assert!(w.contains("--compress, --rate, threads only mean"), "{w}");
     }
 
     #[test]

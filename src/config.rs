@@ -152,6 +152,9 @@ pub struct Config {
     pub encrypt: bool,
     /// Warnings found while parsing (printed once logging is up).
     pub warnings: Vec<String>,
+    /// Options given that mean nothing on this side (see
+    /// [`crate::cli::ignored_warning`]).
+    pub ignored: Vec<&'static str>,
     /// tx: send this seed's pseudo-random stream; rx: check against it.
     pub prbs: Option<u64>,
     /// Per-foot checksums and a whole-stream digest.

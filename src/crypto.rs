@@ -137,14 +137,22 @@ impl Key {
         Ok((key, loose_permissions(path)))
     }
 
-    /// Writes a new random key to `path` (64 hex digits and a newline),
-    /// readable by its owner only; an existing file is never replaced.
-    pub fn generate(path: &Path) -> Result<(), Error> {
+    /// A new random key and its text (64 hex digits), as `--genkey` writes
+    /// it and `viamillipede ssh` hands to the far side.
+    pub fn random() -> Result<(Key, String), Error> {
         let mut raw = [0u8; GENERATED_KEY_LEN];
         SystemRandom::new()
             .fill(&mut raw)
             .map_err(|_| Error::Internal("the system has no source of randomness".into()))?;
-        let mut text: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let text: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let key = Key::new(text.as_bytes()).map_err(Error::Internal)?;
+        Ok((key, text))
+    }
+
+    /// Writes a new random key to `path` (64 hex digits and a newline),
+    /// readable by its owner only; an existing file is never replaced.
+    pub fn generate(path: &Path) -> Result<(), Error> {
+        let (_, mut text) = Key::random()?;
         text.push('\n');
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);

@@ -38,6 +38,9 @@ pub enum Error {
     Sender(String),
     /// Stopped by this signal (SIGINT, SIGTERM).
     Interrupted(i32),
+    /// The far side of `viamillipede ssh` (ssh, the far viamillipede or the
+    /// command it ran) failed; the message says which.
+    Remote(String),
 }
 
 impl Error {
@@ -63,9 +66,11 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Usage(m) | Error::GaveUp(m) | Error::Internal(m) | Error::Mismatch(m) => {
-                f.write_str(m)
-            }
+            Error::Usage(m)
+            | Error::GaveUp(m)
+            | Error::Internal(m)
+            | Error::Mismatch(m)
+            | Error::Remote(m) => f.write_str(m),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Peer(m) => write!(f, "receiver: {m}"),
             Error::Sender(m) => write!(f, "sender: {m}"),

@@ -4,11 +4,14 @@
 use std::io::Write;
 use std::process::ExitCode;
 use viamillipede::cli::{self, Parsed, USAGE_HINT};
+use viamillipede::config::Config;
 use viamillipede::error::Error;
 use viamillipede::stats::{human_bytes, rate};
+use viamillipede::Summary;
 
 fn main() -> ExitCode {
-    let config = match cli::parse(std::env::args_os()) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let config = match cli::parse(args) {
         Ok(Parsed::Run(c)) => c,
         Ok(Parsed::Print(text)) => {
             let _ = std::io::stdout().write_all(text.as_bytes());
@@ -16,11 +19,22 @@ fn main() -> ExitCode {
         }
         Err(e) => return fail(&e),
     };
-    init_logging(config.log_level());
-    for w in &config.warnings {
+    init_logging(config.log_level(), "viamillipede");
+    for w in config
+        .warnings
+        .iter()
+        .cloned()
+        .chain(cli::ignored_warning(&config.ignored))
+    {
         log::warn!("{w}");
     }
     let result = viamillipede::run(&config);
+    finish(&config, result)
+}
+
+/// Writes the stats document if asked for, and turns the outcome into the
+/// summary line and the exit status.
+fn finish(config: &Config, result: viamillipede::error::Result<Summary>) -> ExitCode {
     if let Some(path) = &config.stats_json {
         let (code, error) = match &result {
             Ok(_) => (0, None),
@@ -57,17 +71,17 @@ fn fail(e: &Error) -> ExitCode {
 /// `verbose N` sets the level unless RUST_LOG says otherwise. The logger
 /// itself lets everything through, and the level is the global maximum, so
 /// SIGUSR2 can raise it while running.
-fn init_logging(level: log::LevelFilter) {
+fn init_logging(level: log::LevelFilter, name: &'static str) {
     let mut builder = env_logger::Builder::new();
     let spec = std::env::var("RUST_LOG").ok();
     builder.filter_level(log::LevelFilter::Trace);
     if let Some(spec) = &spec {
         builder.parse_filters(spec);
     }
-    builder.format(|buf, record| {
+    builder.format(move |buf, record| {
         writeln!(
             buf,
-            "viamillipede: {}: {}",
+            "{name}: {}: {}",
             record.level().as_str().to_lowercase(),
             record.args()
         )

@@ -98,6 +98,23 @@ pub fn check_cc(name: &str) -> Result<(), String> {
     })
 }
 
+/// A host name that does not resolve (see [`is_unresolved`]).
+#[derive(Debug)]
+struct Unresolved(String);
+
+impl std::fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unresolved {}
+
+/// Whether [`connect`] failed because the host name did not resolve.
+pub fn is_unresolved(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Unresolved>())
+}
+
 /// Connects to the first address of `dest` that answers within `timeout`,
 /// from `dest.local` if given (only addresses of its family are tried).
 pub fn connect(
@@ -106,7 +123,10 @@ pub fn connect(
     opts: &SocketOptions,
 ) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "host resolves to no address");
-    for sa in (dest.host.as_str(), dest.port).to_socket_addrs()? {
+    let addrs = (dest.host.as_str(), dest.port)
+        .to_socket_addrs()
+        .map_err(|e| io::Error::other(Unresolved(e.to_string())))?;
+    for sa in addrs {
         if dest.local.is_some_and(|l| l.is_ipv4() != sa.is_ipv4()) {
             last = io::Error::new(
                 io::ErrorKind::AddrNotAvailable,

@@ -79,6 +79,11 @@ impl Reporter {
                         stopping = true;
                         stop(sig);
                     } else {
+                        let _ = writeln!(
+                            io::stderr(),
+                            "viamillipede: {} again: exiting at once; the output may be incomplete",
+                            crate::error::signal_name(sig)
+                        );
                         std::process::exit(128 + sig);
                     }
                 }

@@ -139,7 +139,7 @@ impl Link {
 /// previous report.
 #[derive(Debug)]
 pub struct Clock {
-    start: Instant,
+    start: Mutex<Instant>,
     last: Mutex<(Instant, u64)>,
 }
 
@@ -154,20 +154,31 @@ impl Clock {
     pub fn new() -> Clock {
         let now = Instant::now();
         Clock {
-            start: now,
+            start: Mutex::new(now),
             last: Mutex::new((now, 0)),
         }
     }
 
+    /// Starts the clock again, now (rx: at the first connection).
+    pub fn restart(&self) {
+        let now = Instant::now();
+        *self.start.lock().unwrap_or_else(|p| p.into_inner()) = now;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = (now, 0);
+    }
+
+    fn started(&self) -> Instant {
+        *self.start.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Time since start.
     pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
+        self.started().elapsed()
     }
 
     /// "elapsed, average rate, current rate" for `bytes` moved so far.
     pub fn summary(&self, bytes: u64) -> String {
         let now = Instant::now();
-        let elapsed = now - self.start;
+        let elapsed = now - self.started();
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let current = rate(bytes.saturating_sub(last.1), now - last.0);
         *last = (now, bytes);
@@ -193,6 +204,16 @@ pub fn rate(bytes: u64, d: Duration) -> String {
         human_bytes(per_sec as u64),
         per_sec * 8.0 / 1e6
     )
+}
+
+/// A duration for people: "45 s", "5 min", "2 min 30 s".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64().round() as u64;
+    match (s / 60, s % 60) {
+        (0, s) => format!("{s} s"),
+        (m, 0) => format!("{m} min"),
+        (m, s) => format!("{m} min {s} s"),
+    }
 }
 
 /// A byte count in B, KiB, MiB, GiB or TiB.

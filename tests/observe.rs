@@ -127,7 +127,7 @@ fn progress_lines_on_a_non_terminal_stderr_never_touch_stdout() {
     let err = t.stderr();
     let lines: Vec<&str> = err
         .lines()
-        .filter(|l| l.starts_with("viamillipede: read "))
+        .filter(|l| l.starts_with("viamillipede: delivered "))
         .collect();
     assert!(lines.len() >= 2, "too few progress lines:\n{err}");
     assert!(

@@ -14,6 +14,7 @@ mod security;
 mod sockets;
 mod tunnel;
 mod util;
+mod waits;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -526,10 +527,41 @@ fn a_busy_port_is_a_clear_error() {
 fn the_man_page_is_current() {
     // Regenerate with: VIAMILLIPEDE_BLESS=1 cargo test the_man_page_is_current
     use clap::CommandFactory;
+    use clap_mangen::roff::{roman, Roff};
+    use viamillipede::cli;
+    let man = clap_mangen::Man::new(cli::Cli::command());
     let mut page = Vec::new();
-    clap_mangen::Man::new(viamillipede::cli::Cli::command())
-        .render(&mut page)
-        .expect("render the man page");
+    for render in [
+        clap_mangen::Man::render_title,
+        clap_mangen::Man::render_name_section,
+        clap_mangen::Man::render_synopsis_section,
+        clap_mangen::Man::render_description_section,
+        clap_mangen::Man::render_options_section,
+    ] {
+        render(&man, &mut page).expect("render the man page");
+    }
+    let examples = cli::EXAMPLES.trim_start_matches("Examples:\n");
+    let mut roff = Roff::default();
+    for (title, text, literal) in [
+        ("EXAMPLES", examples, true),
+        ("SIGNALS", cli::SIGNALS, false),
+        ("EXIT STATUS", cli::EXIT_STATUS, false),
+        ("FILES", cli::FILES, false),
+        ("STATS DOCUMENT", cli::STATS_SCHEMA, true),
+    ] {
+        roff.control("SH", [title]);
+        if literal {
+            roff.control("nf", []);
+        }
+        for line in text.lines() {
+            roff.text([roman(line)]);
+        }
+        if literal {
+            roff.control("fi", []);
+        }
+    }
+    roff.to_writer(&mut page).expect("render the man page");
+    clap_mangen::Man::render_version_section(&man, &mut page).expect("render the man page");
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("viamillipede.1");
     if std::env::var_os("VIAMILLIPEDE_BLESS").is_some() {
         std::fs::write(&path, &page).expect("write viamillipede.1");
@@ -556,7 +588,12 @@ fn the_man_page_is_current() {
         "initiate",
         "key\\-file",
         "encrypt",
-        "Examples",
+        "EXAMPLES",
+        "SIGNALS",
+        "EXIT STATUS",
+        "FILES",
+        "viamillipede\\-stats/1",
+        "ssh",
     ] {
         assert!(text.contains(word), "the man page lacks {word}");
     }

@@ -89,8 +89,10 @@ pub fn handle(
     conn.outbox.close();
     match &result {
         Ok(Some(reason)) => {
-            log::warn!("{peer}: the sender stopped the stream: {reason}");
-            state.end(Progress::Failed(format!("sender {reason}")));
+            // Every connection hears it: one line for the one event.
+            if state.end(Progress::Failed(format!("sender {reason}"))) {
+                log::warn!("{peer}: the sender stopped the stream: {reason}");
+            }
             let _ = events.send(Event::Finished(Err(Error::Sender(reason.clone()))));
         }
         Ok(None) => {

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 /// How long to wait, after the stream ended, for senders to close.
 const LINGER: Duration = Duration::from_secs(5);
+/// How often a wait for the sender is told again.
+const TELL_EVERY: Duration = Duration::from_secs(30);
 /// How long a complete stream waits for the sender to show that it knows
 /// (its last frames may have been lost with a connection): a sender that
 /// reconnects meanwhile is told the stream is complete.
@@ -153,6 +155,21 @@ pub fn run_connecting(config: &Config, destinations: &[Destination]) -> Result<S
     )
 }
 
+/// Serves `listener`, writing the stream to stdout.
+pub fn run_on(config: &Config, listener: TcpListener) -> Result<Summary> {
+    receive(config, listener, Stdout::open()?, |_| {})
+}
+
+/// Receives over connections made to listening senders (reverse mode),
+/// writing the stream to `out`.
+pub fn receive_dialing(
+    config: &Config,
+    destinations: &[Destination],
+    out: impl Write + Send + 'static,
+) -> Result<Summary> {
+    receive_from(config, Incoming::Dial(destinations.to_vec()), out, || {})
+}
+
 /// Where rx's connections come from.
 enum Incoming {
     /// Accept them on this listener.
@@ -211,10 +228,14 @@ fn receive_from(
         }
     }
     on_ready();
-    let monitor = {
+    // The clock and the monitor start with the first connection, not
+    // while rx waits for a sender.
+    let mut monitor: Option<Monitor> = None;
+    let start_monitor = || {
+        state.clock.restart();
         let state = Arc::clone(&state);
         Monitor::start(
-            move || state.written.load(Ordering::Relaxed),
+            move || (state.written.load(Ordering::Relaxed), 0),
             config.display,
             config.stats_json.is_some(),
             "written",
@@ -223,17 +244,50 @@ fn receive_from(
 
     let timeout = config.reconnect_timeout;
     let mut lost_since: Option<Instant> = dialing.then(Instant::now);
+    // When the user was last told that rx is waiting for the sender.
+    let mut told: Option<Instant> = None;
     let outcome = loop {
-        let event = match lost_since {
-            None => events_rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(t) => events_rx.recv_deadline(t + timeout),
+        let event = match (lost_since, told) {
+            (None, _) => events_rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            (Some(t), Some(n)) => events_rx.recv_deadline((t + timeout).min(n + TELL_EVERY)),
+            (Some(t), None) => events_rx.recv_deadline(t + timeout),
         };
         match event {
-            Ok(Event::Opened) => lost_since = None,
+            Ok(Event::Opened) => {
+                if monitor.is_none() {
+                    monitor = Some(start_monitor());
+                }
+                if let (Some(since), Some(_)) = (lost_since, told.take()) {
+                    log::warn!(
+                        "the sender is back after {:.1} s",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                lost_since = None;
+            }
             Ok(Event::Closed(_)) => {
                 if state.connections().is_empty() && state.progress() == Progress::Running {
+                    if lost_since.is_none() {
+                        log::warn!(
+                            "every connection from the sender is gone; waiting up to {} for it to come back",
+                            crate::stats::human_duration(timeout)
+                        );
+                        told = Some(Instant::now());
+                    }
                     lost_since.get_or_insert_with(Instant::now);
                 }
+            }
+            Err(RecvTimeoutError::Timeout)
+                if told.is_some_and(|n| n.elapsed() >= TELL_EVERY)
+                    && lost_since.is_some_and(|t| t.elapsed() < timeout) =>
+            {
+                let gone = lost_since.map_or(Duration::ZERO, |t| t.elapsed());
+                log::warn!(
+                    "still no connection from the sender after {}; giving up in {}",
+                    crate::stats::human_duration(gone),
+                    crate::stats::human_duration(timeout.saturating_sub(gone))
+                );
+                told = Some(Instant::now());
             }
             Ok(Event::Finished(result)) => break result,
             Ok(Event::Confirmed) => {}
@@ -278,7 +332,7 @@ fn receive_from(
     }
     // Waits for a foot being written, so the output ends on a foot's end.
     state.close_output();
-    record_side(&state, monitor.finish());
+    record_side(&state, monitor.map(Monitor::finish).unwrap_or_default());
     if config.verbose >= 2 {
         log::debug!("{}", report(&state).trim_end());
     }

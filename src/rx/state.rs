@@ -225,9 +225,27 @@ impl State {
         open.then(write)
     }
 
-    /// Closes the output, after the foot being written (if any).
+    /// Closes the output, after the foot being written (if any). A write
+    /// that does not end (the program reading the output has stopped
+    /// reading) is told after a second.
     pub fn close_output(&self) {
-        *Self::lock(&self.output_open) = false;
+        let started = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            match self.output_open.try_lock() {
+                Ok(mut open) => return *open = false,
+                Err(std::sync::TryLockError::Poisoned(p)) => return *p.into_inner() = false,
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if !told && started.elapsed() >= std::time::Duration::from_secs(1) {
+                        log::warn!(
+                            "waiting for the program reading the output to take the foot being written (it has stopped reading); interrupt again to exit at once"
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+        }
     }
 
     /// Where the stream stands.
@@ -236,23 +254,24 @@ impl State {
     }
 
     /// Records the end of the stream (the first end wins) and tells every
-    /// connection: `Done` or `Abort`.
-    pub fn end(&self, progress: Progress) {
+    /// connection: `Done` or `Abort`. Returns whether this call ended it.
+    pub fn end(&self, progress: Progress) -> bool {
         {
             let mut p = Self::lock(&self.progress);
             if *p != Progress::Running {
-                return;
+                return false;
             }
             *p = progress.clone();
         }
         let end = match progress {
             Progress::Complete(bytes) => End::Done(bytes),
             Progress::Failed(msg) => End::Abort(msg),
-            Progress::Running => return,
+            Progress::Running => return false,
         };
         for c in self.connections() {
             c.outbox.end(end.clone());
         }
+        true
     }
 
     /// Tells every connection that every foot below `delivered` is written.

@@ -52,7 +52,37 @@ pub fn input(config: &Config) -> Result<Box<dyn Read + Send>> {
 
 /// Sends the input to `destinations` (most preferred first).
 pub fn run(config: &Config, destinations: &[Destination]) -> Result<Summary> {
+    let config = &sized(config);
     send(config, Connections::Dial(destinations), input(config)?)
+}
+
+/// `config` with the size of stdin for `--progress`, when stdin is a file
+/// or a block device and no `--size` was given, as pv does.
+pub fn sized(config: &Config) -> Config {
+    let mut config = config.clone();
+    if config.display.progress && config.display.size.is_none() && config.prbs.is_none() {
+        config.display.size = stdin_size();
+    }
+    config
+}
+
+/// What is left to read of stdin, if it is a file or a block device: the
+/// end found by seeking, and the offset put back.
+fn stdin_size() -> Option<u64> {
+    use std::io::{Seek, SeekFrom};
+    let fd = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    let mut file = File::from(fd);
+    let kind = file.metadata().ok()?.file_type();
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !kind.is_file() && !kind.is_block_device() {
+            return None;
+        }
+    }
+    let at = file.stream_position().ok()?;
+    let end = file.seek(SeekFrom::End(0)).ok()?;
+    file.seek(SeekFrom::Start(at)).ok()?;
+    Some(end.saturating_sub(at))
 }
 
 /// Sends the input over the connections the receiver makes to
@@ -64,6 +94,7 @@ pub fn run_listening(config: &Config, addr: Option<&str>, port: u16) -> Result<S
         .local_addr()
         .map_err(|e| Error::io("read the listening address", e))?;
     let _ = writeln!(std::io::stderr(), "viamillipede: listening on {local}");
+    let config = &sized(config);
     send(config, Connections::Accept(listener), input(config)?)
 }
 
@@ -233,6 +264,9 @@ pub fn send(
         // The receiver decides which connections exist; none is "coming".
         window.accepting();
     }
+    if let Connections::Dial(destinations) = &connections {
+        window.name_ranks(destinations.iter().map(|d| d.to_string()).collect());
+    }
     let links: Arc<Vec<Link>> = Arc::new(labels.into_iter().map(Link::new).collect());
     let clock = Arc::new(Clock::new());
     let stream_digest: Arc<OnceLock<u128>> = Arc::default();
@@ -299,12 +333,16 @@ pub fn send(
     drop(crew);
 
     let monitor = {
-        let read = Arc::clone(&read);
+        let (read, window) = (Arc::clone(&read), Arc::clone(&window));
         Monitor::start(
-            move || read.load(Relaxed),
+            move || {
+                // Delivered means written by rx; the rest read is on its way.
+                let delivered = window.snapshot().delivered_bytes;
+                (delivered, read.load(Relaxed).saturating_sub(delivered))
+            },
             config.display,
             config.stats_json.is_some(),
-            "read",
+            "delivered",
         )
     };
     let outcome = window.outcome();

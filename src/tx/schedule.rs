@@ -95,6 +95,8 @@ pub const STALL_MAX: Duration = Duration::from_secs(30);
 /// stranger must not end a stream, but a user whose receiver refuses (busy,
 /// another checkphrase, no key) hears it within seconds.
 pub const REFUSAL_GRACE: Duration = Duration::from_secs(3);
+/// How often a wait for the receiver is told again.
+pub const NOTICE_EVERY: Duration = Duration::from_secs(30);
 /// A connection is stalled after this many of its usual gaps without a sign.
 const STALL_GAPS: u32 = 6;
 /// At the very end, an idle connection sends a copy of a piece lagging on
@@ -145,6 +147,9 @@ pub struct Effects {
     /// The timer thread must look again: the transfer is over, or the
     /// earliest deadline moved closer.
     pub timer: bool,
+    /// What the user must be told (at the default verbosity): waits for the
+    /// receiver, destinations that cannot be reached, their return.
+    pub notices: Vec<String>,
 }
 
 /// A snapshot for reports.
@@ -284,8 +289,10 @@ pub struct Schedule {
     /// Whether refusals may end the transfer at the start (not when the
     /// receiver dials in: whoever dials may be a stranger).
     refusals_end: bool,
-    /// Refused since then, and the latest refusal, while none ever was.
-    refused: Option<(Instant, String)>,
+    /// Refused since then, the latest refusal, and whether a receiver
+    /// said it (not a name that does not resolve, or a peer that is not a
+    /// receiver), while no connection ever was made.
+    refused: Option<(Instant, String, bool)>,
     finished: bool,
     outcome: Option<Result<u64, Error>>,
     retransmits: u64,
@@ -297,6 +304,12 @@ pub struct Schedule {
     woken: Vec<bool>,
     /// The deadline the timer thread was last given.
     armed: Option<Instant>,
+    /// When the user was last told that no connection is up.
+    waiting_told: Option<Instant>,
+    /// Each rank's destination, for notices.
+    rank_names: Vec<String>,
+    /// Ranks the user was told cannot be reached.
+    rank_down: Vec<bool>,
 }
 
 impl Schedule {
@@ -354,6 +367,48 @@ impl Schedule {
             copies: 0,
             effects: Effects::default(),
             armed: None,
+            waiting_told: None,
+            rank_names: Vec::new(),
+            rank_down: vec![false; nranks],
+        }
+    }
+
+    /// Names each rank's destination, for what the user is told.
+    pub fn name_ranks(&mut self, names: Vec<String>) {
+        self.rank_names = names;
+    }
+
+    fn rank_name(&self, rank: usize) -> String {
+        self.rank_names
+            .get(rank)
+            .cloned()
+            .unwrap_or_else(|| format!("rank {}", rank + 1))
+    }
+
+    fn why(&self) -> String {
+        self.last_error
+            .clone()
+            .unwrap_or_else(|| "no answer".into())
+    }
+
+    /// Tells the user about ranks none of whose connections could be made
+    /// while others carry the stream.
+    fn check_ranks(&mut self) {
+        if self.ranks < 2 || self.connected == 0 || self.finished {
+            return;
+        }
+        for rank in 0..self.ranks {
+            let mut of_rank = self.slots.iter().filter(|s| s.rank == rank);
+            let down = !self.rank_down[rank] && of_rank.all(|s| !s.connected && !s.first_attempt);
+            if down {
+                self.rank_down[rank] = true;
+                let notice = format!(
+                    "no connection to {}: {}; the transfer runs on the other destinations meanwhile",
+                    self.rank_name(rank),
+                    self.why()
+                );
+                self.effects.notices.push(notice);
+            }
         }
     }
 
@@ -793,20 +848,55 @@ impl Schedule {
         slot.first_attempt = false;
         slot.heard = now;
         slot.progress = 0;
+        let rank = slot.rank;
         if !slot.connected {
             slot.connected = true;
             self.connected += 1;
-            self.lost_since = None;
+            if let (Some(since), Some(_)) = (self.lost_since.take(), self.waiting_told.take()) {
+                if !self.finished {
+                    self.effects.notices.push(format!(
+                        "connected to {} after {:.1} s",
+                        self.rank_name(rank),
+                        now.saturating_duration_since(since).as_secs_f64()
+                    ));
+                }
+            }
+        }
+        if std::mem::take(&mut self.rank_down[rank]) && !self.finished && self.ranks > 1 {
+            let name = self.rank_name(rank);
+            self.effects.notices.push(format!("{name} is back"));
         }
         self.ever_connected = true;
         self.refused = None;
+        self.check_ranks();
         self.wake_all();
         self.settle(now);
     }
 
-    /// Worker `w`'s attempt to connect failed.
+    /// Worker `w`'s attempt to connect failed (why, the worker gave
+    /// [`Self::note_error`] or [`Self::refused`] first). The user hears of
+    /// it once every worker has tried and none is connected, and then every
+    /// [`NOTICE_EVERY`] while that lasts.
     pub fn attempt_failed(&mut self, w: usize, now: Instant) {
         self.slots[w].first_attempt = false;
+        if !self.finished
+            && self.connected == 0
+            && self.waiting_told.is_none()
+            && self.slots.iter().all(|s| !s.first_attempt)
+        {
+            let timeout = self.params.reconnect_timeout;
+            let left = self.lost_since.map_or(timeout, |t| {
+                timeout.saturating_sub(now.saturating_duration_since(t))
+            });
+            let notice = format!(
+                "waiting for the receiver: {}; trying again for {}",
+                self.why(),
+                crate::stats::human_duration(left)
+            );
+            self.effects.notices.push(notice);
+            self.waiting_told = Some(now);
+        }
+        self.check_ranks();
         self.wake_all();
         self.settle(now);
     }
@@ -829,6 +919,14 @@ impl Schedule {
         self.connected -= 1;
         if self.connected == 0 {
             self.lost_since = Some(now);
+            if !self.finished && self.waiting_told.is_none() {
+                let notice = format!(
+                    "lost every connection to the receiver; trying to reconnect for {}",
+                    crate::stats::human_duration(self.params.reconnect_timeout)
+                );
+                self.effects.notices.push(notice);
+                self.waiting_told = Some(now);
+            }
         }
         let lost = std::mem::take(&mut slot.inflight);
         for p in lost {
@@ -874,6 +972,10 @@ impl Schedule {
         let lost = self.lost_since.map(|t| t + timeout);
         let stuck = self.stuck.then(|| self.motion + timeout);
         let refused = self.refused.as_ref().map(|r| r.0 + REFUSAL_GRACE);
+        let notice = self
+            .waiting_told
+            .filter(|_| self.connected == 0)
+            .map(|t| t + NOTICE_EVERY);
         // Waits that end by themselves matter only where a worse rank waits.
         let ranked = self.ranks > 1;
         let grace = (ranked && now < self.grace_until).then_some(self.grace_until);
@@ -892,6 +994,7 @@ impl Schedule {
             .chain(lost)
             .chain(stuck)
             .chain(refused)
+            .chain(notice)
             .chain(grace)
             .chain(patience)
             .min()
@@ -925,12 +1028,28 @@ impl Schedule {
             .last_error
             .clone()
             .unwrap_or_else(|| "no connection".into());
-        if let Some((_, why)) = self
+        if let (0, Some(told), Some(lost)) = (self.connected, self.waiting_told, self.lost_since) {
+            let gone = now.saturating_duration_since(lost);
+            if now >= told + NOTICE_EVERY && gone < timeout {
+                let notice = format!(
+                    "still no connection to the receiver after {} ({why}); giving up in {}",
+                    crate::stats::human_duration(gone),
+                    crate::stats::human_duration(timeout - gone)
+                );
+                self.effects.notices.push(notice);
+                self.waiting_told = Some(now);
+            }
+        }
+        if let Some((_, why, peer)) = self
             .refused
             .as_ref()
-            .filter(|(since, _)| now >= *since + REFUSAL_GRACE)
+            .filter(|(since, ..)| now >= *since + REFUSAL_GRACE)
         {
-            self.finish(Err(Error::Peer(why.clone())));
+            let error = match peer {
+                true => Error::Peer(why.clone()),
+                false => Error::GaveUp(why.clone()),
+            };
+            self.finish(Err(error));
         } else if self.lost_since.is_some_and(|t| now >= t + timeout) {
             self.finish(Err(Error::GaveUp(format!(
                 "no connection to the receiver for {} s, giving up (last error: {why})",
@@ -976,9 +1095,21 @@ impl Schedule {
     /// A connection attempt was refused by a peer that did not prove the
     /// key (see [`REFUSAL_GRACE`]).
     pub fn refused(&mut self, why: String, now: Instant) {
+        self.refused_as(why, true, now);
+    }
+
+    /// A destination cannot be reached in a way that retrying seldom
+    /// mends: its name does not resolve, or what answers there is not a
+    /// receiver. Like a refusal, it ends the transfer only if nothing else
+    /// comes at the start for [`REFUSAL_GRACE`].
+    pub fn unreachable(&mut self, why: String, now: Instant) {
+        self.refused_as(why, false, now);
+    }
+
+    fn refused_as(&mut self, why: String, peer: bool, now: Instant) {
         if !self.ever_connected && self.refusals_end {
             let since = self.refused.as_ref().map_or(now, |r| r.0);
-            self.refused = Some((since, why.clone()));
+            self.refused = Some((since, why.clone(), peer));
             self.effects.timer = true;
         }
         self.last_error = Some(why);
@@ -988,6 +1119,10 @@ impl Schedule {
     /// error that stopped it. The first outcome wins.
     pub fn finish(&mut self, outcome: Result<u64, Error>) {
         if !self.finished {
+            if let Ok(written) = outcome {
+                // The end can come before the window frames that led to it.
+                self.bytes_delivered = self.bytes_delivered.max(written);
+            }
             self.finished = true;
             self.outcome = Some(outcome);
             self.wake_all();
@@ -1319,5 +1454,82 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(s.take_effects().timer);
+    }
+
+    fn notices(s: &mut Schedule) -> Vec<String> {
+        s.take_effects().notices
+    }
+
+    #[test]
+    fn a_wait_for_the_receiver_is_told_once_every_worker_tried_then_again() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(params(64, 2), &[0, 0], t0);
+        s.note_error("connect to h:1: Connection refused".into());
+        s.attempt_failed(0, t0);
+        assert!(notices(&mut s).is_empty(), "worker 1 has not tried yet");
+        s.attempt_failed(1, t0);
+        let told = notices(&mut s);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(
+            told[0].contains("Connection refused") && told[0].contains("5 min"),
+            "{told:?}"
+        );
+        // Failing again says nothing new until NOTICE_EVERY has passed.
+        s.attempt_failed(0, t0 + Duration::from_secs(1));
+        assert!(notices(&mut s).is_empty());
+        let later = t0 + NOTICE_EVERY;
+        assert!(s.poll_timeout(t0).is_some_and(|d| d <= later));
+        s.handle_timeout(later);
+        let told = notices(&mut s);
+        assert!(
+            told[0].contains("still no connection") && told[0].contains("giving up in 4 min 30 s"),
+            "{told:?}"
+        );
+        s.connected(1, later + Duration::from_secs(1));
+        let told = notices(&mut s);
+        assert!(
+            told[0].starts_with("connected to rank 1 after 31.0 s"),
+            "{told:?}"
+        );
+        // Losing every connection later is told at once.
+        s.disconnected(1, later + Duration::from_secs(2));
+        let told = notices(&mut s);
+        assert!(told[0].contains("lost every connection"), "{told:?}");
+    }
+
+    #[test]
+    fn a_rank_that_cannot_be_reached_is_named_while_another_carries_the_stream() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(params(64, 2), &[0, 0, 1, 1], t0);
+        s.name_ranks(vec!["a:1".into(), "b:1".into()]);
+        s.connected(2, t0);
+        s.connected(3, t0);
+        s.note_error("connect to a:1: No route to host".into());
+        s.attempt_failed(0, t0);
+        assert!(notices(&mut s).is_empty());
+        s.attempt_failed(1, t0);
+        let told = notices(&mut s);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(
+            told[0].starts_with("no connection to a:1: connect to a:1: No route"),
+            "{told:?}"
+        );
+        s.attempt_failed(1, t0 + Duration::from_secs(1));
+        assert!(notices(&mut s).is_empty(), "told once");
+        s.connected(0, t0 + Duration::from_secs(5));
+        assert_eq!(notices(&mut s), ["a:1 is back"]);
+    }
+
+    #[test]
+    fn a_name_that_does_not_resolve_ends_the_start_after_the_grace() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(params(64, 2), &[0], t0);
+        s.unreachable("cannot resolve 'x'".into(), t0);
+        s.attempt_failed(0, t0);
+        s.handle_timeout(t0 + REFUSAL_GRACE);
+        match s.take_outcome() {
+            Some(Err(Error::GaveUp(m))) => assert!(m.contains("cannot resolve"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -112,7 +112,11 @@ impl Window {
             reader,
             close,
             timer,
+            notices,
         } = s.schedule.take_effects();
+        for n in notices {
+            log::warn!("{n}");
+        }
         for w in close {
             if let Some(closer) = s.closers[w].take() {
                 (closer.0)();
@@ -207,6 +211,11 @@ impl Window {
         self.with(|s, now| s.attempt_failed(w, now));
     }
 
+    /// Names each rank's destination, for what the user is told.
+    pub fn name_ranks(&self, names: Vec<String>) {
+        self.with(|s, _| s.name_ranks(names));
+    }
+
     /// The receiver dials in (reverse mode); see [`Schedule::accepting`].
     pub fn accepting(&self) {
         self.with(|s, _| s.accepting());
@@ -231,6 +240,12 @@ impl Window {
     /// the start (see the schedule).
     pub fn refused(&self, why: String) {
         self.with(|s, now| s.refused(why, now));
+    }
+
+    /// A destination's name does not resolve, or what answers is not a
+    /// receiver (see the schedule).
+    pub fn unreachable(&self, why: String) {
+        self.with(|s, now| s.unreachable(why, now));
     }
 
     /// Ends the transfer: `Ok(bytes)` when rx confirmed everything, or the

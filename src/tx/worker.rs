@@ -10,6 +10,7 @@ use super::DialedIn;
 use crate::config::{Config, Destination};
 use crate::crypto::{self, Opener, Sealer};
 use crate::error::{shown, Error};
+use crate::protocol::handshake::HandshakeError;
 use crate::protocol::negotiate::{Offer, Terms, TxNegotiation, TxStep};
 use crate::protocol::{Header, Kind, FLAG_COMPRESSED};
 use crate::stats::{Link, LinkState};
@@ -49,6 +50,9 @@ enum OpenError {
     /// anyone could have, so it ends nothing, but is told to the schedule,
     /// which gives up if nothing but refusals comes at the start.
     Refused(String),
+    /// The name does not resolve, or what answered is not a receiver:
+    /// told to the schedule like a refusal.
+    Unreachable(String),
     /// The receiver proved the key and refused: the whole transfer stops.
     Fatal(Error),
 }
@@ -130,14 +134,19 @@ fn use_connection(
             return ControlFlow::Break(());
         }
         Err(OpenError::Retry(e)) => {
-            shared.window.attempt_failed(w);
             log::debug!("worker {w}: {e}");
             shared.window.note_error(e);
+            shared.window.attempt_failed(w);
         }
         Err(OpenError::Refused(e)) => {
-            shared.window.attempt_failed(w);
             log::debug!("worker {w}: {e}");
             shared.window.refused(e);
+            shared.window.attempt_failed(w);
+        }
+        Err(OpenError::Unreachable(e)) => {
+            log::debug!("worker {w}: {e}");
+            shared.window.unreachable(e);
+            shared.window.attempt_failed(w);
         }
     }
     ControlFlow::Continue(false)
@@ -155,8 +164,12 @@ struct Opened {
 /// Connects to `dest`.
 fn dial(shared: &Shared, dest: &Destination) -> Result<TcpStream, OpenError> {
     let c = shared.config;
-    net::connect(dest, CONNECT_TIMEOUT.min(c.reconnect_timeout), &c.socket)
-        .map_err(|e| OpenError::Retry(format!("connect to {dest}: {e}")))
+    net::connect(dest, CONNECT_TIMEOUT.min(c.reconnect_timeout), &c.socket).map_err(|e| {
+        match net::is_unresolved(&e) {
+            true => OpenError::Unreachable(format!("cannot resolve '{}': {e}", dest.host)),
+            false => OpenError::Retry(format!("connect to {dest}: {e}")),
+        }
+    })
 }
 
 /// Runs tx's end of the handshake ([`TxNegotiation`]) on a new connection
@@ -202,7 +215,7 @@ fn handshake(
             until: deadline,
         };
         let (_, answer) =
-            wire::read_reply_bytes(&mut input).map_err(|e| retry("handshake with", &e))?;
+            wire::read_reply_bytes(&mut input).map_err(|e| not_a_receiver(dest, e))?;
         match negotiation.on_reply(&answer) {
             TxStep::Send(proof) => stream
                 .write_all(&proof)
@@ -262,6 +275,24 @@ fn handshake(
         channel,
         checksums: agreed.checksums,
     })
+}
+
+/// What a failed read of rx's reply means: something that is not a
+/// receiver answered (another service on the port, a listener that says
+/// nothing), or a connection that failed.
+fn not_a_receiver(dest: &dyn std::fmt::Display, e: HandshakeError) -> OpenError {
+    match e {
+        HandshakeError::BadMagic | HandshakeError::Invalid(_) => OpenError::Unreachable(format!(
+            "{dest} is not a viamillipede receiver: it answered with something else ({e}); is another service on that port?"
+        )),
+        HandshakeError::Version(_) => OpenError::Unreachable(format!("{dest}: {e}")),
+        HandshakeError::Io(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, _) => {
+            OpenError::Unreachable(format!(
+                "{dest} took the connection but did not answer the handshake in time: is a viamillipede receiver listening there?"
+            ))
+        }
+        e => OpenError::Retry(format!("handshake with {dest}: {e}")),
+    }
 }
 
 /// Sends feet on an established connection until it fails or the transfer
