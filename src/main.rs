@@ -9,8 +9,15 @@ use viamillipede::error::Error;
 use viamillipede::stats::{human_bytes, rate};
 use viamillipede::Summary;
 
+mod ssh;
+
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("ssh") => return ssh::main(&args[2..]),
+        Some(ssh::SERVE) => return ssh::serve_main(&args[2..]),
+        _ => {}
+    }
     let config = match cli::parse(args) {
         Ok(Parsed::Run(c)) => c,
         Ok(Parsed::Print(text)) => {

@@ -12,6 +12,7 @@ mod observe;
 mod reverse;
 mod security;
 mod sockets;
+mod ssh;
 mod tunnel;
 mod util;
 mod waits;
