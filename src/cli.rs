@@ -817,6 +817,40 @@ pub fn ignored_warning(names: &[&str]) -> Option<String> {
     ))
 }
 
+/// The keywords, offered beside the dashed options.
+const COMPLETED_KEYWORDS: &str =
+    "rx tx ssh threads verbose checkphrase prbs leglimit delayus chaos terminate initiate charmode checksums";
+
+/// A completion script for `shell`: files only where a file is meant, and
+/// the keywords as well as the dashed options.
+fn completions(shell: clap_complete::Shell) -> String {
+    let files = ["key_file", "stats_json", "genkey"];
+    let mut cmd = Cli::command().mut_args(|a| {
+        if !a.get_action().takes_values() {
+            a
+        } else if files.contains(&a.get_id().as_str()) {
+            a.value_hint(clap::ValueHint::FilePath)
+        } else {
+            a.value_hint(clap::ValueHint::Other)
+        }
+    });
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "viamillipede", &mut script);
+    let script = String::from_utf8_lossy(&script).into_owned();
+    match shell {
+        clap_complete::Shell::Bash => script
+            .replace("opts=\"-h ", &format!("opts=\"{COMPLETED_KEYWORDS} -h "))
+            .replace(
+                "if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then",
+                "if [[ ${cur} == -* || ${prev} != -* ]] ; then",
+            ),
+        clap_complete::Shell::Fish => {
+            format!("{script}complete -c viamillipede -f -a '{COMPLETED_KEYWORDS}'\n")
+        }
+        _ => script,
+    }
+}
+
 /// What parsing a command line led to.
 #[derive(Debug)]
 pub enum Parsed {
@@ -834,11 +868,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> 
         Ok(Cli {
             completions: Some(shell),
             ..
-        }) => {
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "viamillipede", &mut script);
-            Ok(Parsed::Print(String::from_utf8_lossy(&script).into_owned()))
-        }
+        }) => Ok(Parsed::Print(completions(shell))),
         Ok(Cli {
             genkey: Some(path), ..
         }) => {

@@ -611,5 +611,18 @@ fn completions_for_bash_zsh_and_fish() {
             script.contains("viamillipede") && script.contains("threads"),
             "{shell}: {script:.200}"
         );
+        if shell == "bash" {
+            // The keywords are offered, and a number is never a file name.
+            assert!(script.contains("opts=\"rx tx ssh threads"), "{script:.300}");
+            let threads = script.split("--threads)").nth(1).unwrap_or_default();
+            let threads = threads.split(";;").next().unwrap_or_default();
+            assert!(!threads.contains("compgen -f"), "{threads}");
+            let key = script.split("--key-file)").nth(1).unwrap_or_default();
+            assert!(key
+                .split(";;")
+                .next()
+                .unwrap_or_default()
+                .contains("compgen -f"));
+        }
     }
 }
