@@ -175,7 +175,9 @@ pub struct Cli {
     #[arg(long, value_name = "XXXX", value_parser = parse_checkphrase)]
     pub checkphrase: Option<[u8; 4]>,
 
-    /// Foot size in bytes (suffixes K, M), 1K to 64M; set on tx.
+    /// Foot size in bytes, 1K to 64M; set on tx. Sizes here and below take
+    /// fractions and units: K, M, G (and KiB, MiB, GiB) are powers of 1024,
+    /// KB, MB, GB powers of 1000: 512K, 1.5G, 100MB.
     #[arg(long, value_name = "BYTES", default_value = "2M", value_parser = parse_foot_size)]
     pub foot_size: u32,
 
@@ -215,7 +217,7 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub delayus: Option<u64>,
 
-    /// Cap tx's sending rate, in bytes per second (K, M, G suffixes).
+    /// Cap tx's sending rate, in bytes per second (50M, 10MB).
     #[arg(long, value_name = "RATE", value_parser = parse_rate)]
     pub rate: Option<u64>,
 
@@ -253,12 +255,12 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub bind: Option<std::net::IpAddr>,
 
-    /// Socket send buffer in bytes (K, M suffixes); the kernel autotunes it
+    /// Socket send buffer in bytes (256K, 4M); the kernel autotunes it
     /// when unset.
     #[arg(long, value_name = "BYTES", value_parser = parse_buffer)]
     pub sndbuf: Option<usize>,
 
-    /// Socket receive buffer in bytes (K, M suffixes); the kernel autotunes
+    /// Socket receive buffer in bytes (256K, 4M); the kernel autotunes
     /// it when unset.
     #[arg(long, value_name = "BYTES", value_parser = parse_buffer)]
     pub rcvbuf: Option<usize>,
@@ -291,16 +293,18 @@ pub struct Cli {
     /// its own. LEVEL -7 (fastest) to 19, 3 when left out: --compress or
     /// --compress=9.
     #[arg(long, value_name = "LEVEL", num_args = 0..=1, require_equals = true,
-          default_missing_value = "3", value_parser = clap::value_parser!(i32).range(-7..=19))]
+          default_missing_value = "3", value_parser = compress_level)]
     pub compress: Option<i32>,
 
-    /// Show progress on stderr: bytes, rate, elapsed time (and percent and
-    /// ETA with --size), redrawn in place on a terminal, a line every 2 s
-    /// otherwise. Never on stdout.
+    /// Show progress on stderr: bytes written by the receiver (and, on tx,
+    /// those on their way), rate, elapsed time, and percent and ETA when the
+    /// size is known (--size, or stdin is a file or a block device);
+    /// redrawn in place on a terminal, a line every 2 s otherwise. Never on
+    /// stdout.
     #[arg(long)]
     pub progress: bool,
 
-    /// The expected size of the stream in bytes (K, M, G suffixes), for
+    /// The expected size of the stream in bytes (1.5G, 700MB), for
     /// --progress's percent and ETA.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub size: Option<u64>,
@@ -345,6 +349,17 @@ fn parse_checkphrase(s: &str) -> Result<[u8; 4], String> {
     s.as_bytes()
         .try_into()
         .map_err(|_| format!("checkphrase must be exactly 4 bytes, '{s}' has {}", s.len()))
+}
+
+fn compress_level(s: &str) -> Result<i32, String> {
+    let n: i32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    match n {
+        -7..=19 => Ok(n),
+        _ => Err(format!("{n} is out of range: give -7 to 19")),
+    }
 }
 
 /// A whole number from `lo` to `hi`, with a message that says so.
@@ -442,6 +457,11 @@ fn parse_foot_size(s: &str) -> Result<u32, String> {
         return Err(format!("foot size must be between 1K and 64M, not {s}"));
     }
     Ok(n as u32)
+}
+
+/// Whether `word` is one of the original keywords (`threads`, `tx`, ...).
+pub fn is_keyword(word: &str) -> bool {
+    legacy_arity(word).is_some()
 }
 
 /// How many values each legacy keyword takes.

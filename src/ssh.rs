@@ -9,11 +9,12 @@
 //! authenticated and encrypted with that key. The exit status is end to
 //! end: 0 only when the transfer completed and COMMAND exited 0.
 //!
-//! The lines between the two sides, each starting with [`TAG`]:
-//! - near to far, on ssh's stdin: `TAG key HEX port PORT` (PORT is where the
-//!   near side listens in reverse mode, 0 otherwise); then nothing until the
-//!   near side is done, so the far side takes the end of its stdin for the
-//!   near side having gone away;
+//! ssh runs only `REMOTE_PATH --ssh-serve` through the far host's shell.
+//! The lines between the two sides each start with [`TAG`]:
+//! - near to far, on ssh's stdin: a [`Setup`] as JSON (the key, the far
+//!   side's part, its options, COMMAND), so no shell's quoting touches
+//!   them; then nothing until the near side is done, so the far side takes
+//!   the end of its stdin for the near side having gone away;
 //! - far to near, on ssh's stdout: `TAG ready PORT ADDR`, where PORT is
 //!   where the far side listens (0 in reverse mode) and ADDR the address the
 //!   ssh connection reached it at (`-` when unknown).
@@ -23,9 +24,10 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use viamillipede::cli::{self, Parsed};
 use viamillipede::config::{Config, Destination};
@@ -71,7 +73,9 @@ SSH OPTIONS (anywhere before --):
   -e, --ssh-command CMD
                       the ssh client and its options [default: ssh], e.g.
                       'ssh -p 2222 -i ~/.ssh/backup'; split on spaces
-  --remote-path PATH  viamillipede on HOST [default: viamillipede]
+  --remote-path CMD   how HOST's shell runs viamillipede, as it reads it:
+                      ~/bin/viamillipede, 'sudo -n viamillipede'
+                      [default: viamillipede]
   --via ADDR          send the data to this address of HOST (repeat for
                       ranked paths); default: the address ssh reached
   --no-encrypt        authenticate every frame but do not encrypt
@@ -232,7 +236,7 @@ fn parse_invocation(args: &[String]) -> Result<Option<Invocation>, Error> {
             "--remote-path" => inv.remote_path = value()?,
             "--via" => inv.via.push(value()?),
             _ if host.is_none() => {
-                if word.starts_with('-') {
+                if word.starts_with('-') || cli::is_keyword(word) {
                     return Err(usage(format!(
                         "'{word}' before the host: the transfer's options go after it \
                          (viamillipede ssh [--pull] HOST [OPTIONS] -- COMMAND)"
@@ -265,9 +269,20 @@ fn parse_invocation(args: &[String]) -> Result<Option<Invocation>, Error> {
                 "ssh mode makes a fresh key for every run: leave out '{name}'"
             )));
         }
+        if ["--prbs", "--leglimit"].contains(&name) {
+            return Err(usage(format!(
+                "ssh mode carries COMMAND's data to the end: leave out '{}' (it tests a path by hand)",
+                name.trim_start_matches('-')
+            )));
+        }
         if name != "--encrypt" {
             inv.transfer.push(word.into_owned());
         }
+    }
+    if inv.reverse && !inv.via.is_empty() {
+        return Err(usage(
+            "--via names addresses of the far host, which --reverse does not dial: give one or the other",
+        ));
     }
     Ok(Some(inv))
 }
@@ -290,33 +305,41 @@ fn far_options(transfer: &[String]) -> Vec<String> {
     out
 }
 
-/// `word` quoted for a POSIX shell, when it needs to be.
-fn quote(word: &str) -> String {
-    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_./:=@,+%".contains(&b);
-    if !word.is_empty() && word.bytes().all(plain) {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
+/// The command line ssh gives the far host's shell: the path as the user
+/// wrote it (so `~/bin/viamillipede` and `sudo -n viamillipede` work, as
+/// rsync's --rsync-path does) and one plain word. Everything else travels
+/// on ssh's stdin ([`Setup`]), so no shell's quoting rules apply to it.
+fn far_command(inv: &Invocation) -> String {
+    format!("{} {SERVE}", inv.remote_path)
 }
 
-/// The command line ssh runs on the far host.
-fn far_command(inv: &Invocation, role: Role) -> String {
-    let crypt = if inv.encrypt {
-        "encrypt"
-    } else {
-        "authenticate"
-    };
-    let mut words = vec![
-        inv.remote_path.clone(),
-        SERVE.to_string(),
-        role.word().to_string(),
-        crypt.to_string(),
-    ];
-    words.extend(far_options(&inv.transfer));
-    words.push("--".into());
-    words.push(inv.command.join(" "));
-    words.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ")
+/// What the near side tells the far side, as one JSON line on ssh's stdin
+/// after [`TAG`].
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Setup {
+    /// The fresh key, 64 hex digits.
+    key: String,
+    /// The far side's part.
+    role: String,
+    encrypt: bool,
+    /// Where the near side listens, in reverse mode (0 otherwise).
+    port: u16,
+    /// The transfer's options for the far side.
+    options: Vec<String>,
+    /// COMMAND, for the far host's shell.
+    command: String,
+}
+
+impl Setup {
+    fn line(&self) -> String {
+        let json = serde_json::to_string(self).expect("a setup is always JSON");
+        format!("{TAG} {json}\n")
+    }
+
+    fn parse(line: &str) -> Option<Setup> {
+        let json = line.trim_end().strip_prefix(TAG)?.trim_start();
+        serde_json::from_str(json).ok()
+    }
 }
 
 /// A configuration for `role` from the transfer's options.
@@ -348,6 +371,10 @@ fn strings(args: &[OsString]) -> Result<Vec<String>, Error> {
 
 /// `viamillipede ssh ...`: the near side.
 pub fn main(args: &[OsString]) -> ExitCode {
+    // The key is made for this run: a key file named in the environment is
+    // neither read nor passed on. (Still one thread: nothing reads the
+    // environment meanwhile.)
+    std::env::remove_var("VIAMILLIPEDE_KEY_FILE");
     let inv = match strings(args).and_then(|a| parse_invocation(&a)) {
         Ok(Some(inv)) => inv,
         Ok(None) => {
@@ -399,10 +426,21 @@ fn run_near(
             .port(),
         None => 0,
     };
+    let setup = Setup {
+        key: text,
+        role: far.word().into(),
+        encrypt: inv.encrypt,
+        port: near_port,
+        options: far_options(&inv.transfer),
+        command: inv.command.join(" "),
+    };
     log::info!("starting viamillipede on {} over ssh", inv.host);
-    let mut far_side = Far::start(inv, far, &text, near_port)?;
+    let mut far_side = Far::start(inv, &setup)?;
     let result = match (near, listener) {
-        (Role::Send, Some(l)) => tx::send(config, tx::Connections::Accept(l), tx::input(config)?),
+        (Role::Send, Some(l)) => {
+            let config = &tx::sized(config);
+            tx::send(config, tx::Connections::Accept(l), tx::input(config)?)
+        }
         (Role::Receive, Some(l)) => rx::run_on(config, l),
         (role, _) => {
             let hosts = if !inv.via.is_empty() {
@@ -457,9 +495,16 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// The ssh process that runs the far side.
+/// The ssh process that runs the far side, waited for on a thread of its
+/// own: if it ends badly while the transfer here still runs (the far side
+/// failed, or never dialed back), this side stops too instead of waiting
+/// out its timeouts.
 struct Far {
-    child: Child,
+    pid: u32,
+    status: crossbeam_channel::Receiver<io::Result<ExitStatus>>,
+    /// Set once this side's transfer is over, so the end of ssh is then
+    /// expected.
+    over: Arc<AtomicBool>,
     /// Kept open while the transfer runs: its end tells the far side that
     /// this one went away.
     stdin: Option<ChildStdin>,
@@ -468,13 +513,15 @@ struct Far {
 }
 
 impl Far {
-    /// Starts ssh, hands over the key and waits for the far side to be
+    /// Starts ssh, hands over the setup and waits for the far side to be
     /// ready (or for ssh to end, which is then the error).
-    fn start(inv: &Invocation, role: Role, key: &str, near_port: u16) -> Result<Far, Error> {
+    fn start(inv: &Invocation, setup: &Setup) -> Result<Far, Error> {
         let mut child = Command::new(&inv.ssh[0])
             .args(&inv.ssh[1..])
+            // No terminal on the far side: it would echo the key.
+            .arg("-T")
             .arg(&inv.host)
-            .arg(far_command(inv, role))
+            .arg(far_command(inv))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -483,66 +530,96 @@ impl Far {
         let mut stdin = child.stdin.take();
         if let Some(s) = stdin.as_mut() {
             // A failure here means ssh ended; its status says why, below.
-            let _ = writeln!(s, "{TAG} key {key} port {near_port}").and_then(|()| s.flush());
+            let _ = s
+                .write_all(setup.line().as_bytes())
+                .and_then(|()| s.flush());
         }
+        // What the far side says, with the key taken out should a
+        // misconfigured far end echo it.
+        let redact =
+            |line: &str| viamillipede::error::shown(&line.trim_end().replace(&setup.key, "(key)"));
         let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let mut line = String::new();
-        loop {
+        let (port, addr) = loop {
             line.clear();
             if !matches!(lines.read_line(&mut line), Ok(n) if n > 0) {
                 let status = child.wait().map_err(|e| Error::io("wait for ssh", e))?;
                 return Err(not_started(inv, status));
             }
             let Some(rest) = line.trim_end().strip_prefix(TAG) else {
-                log::debug!("far side: {}", viamillipede::error::shown(line.trim_end()));
+                log::debug!("far side: {}", redact(&line));
                 continue;
             };
             let words: Vec<&str> = rest.split_whitespace().collect();
-            let (port, addr) = match words.as_slice() {
-                ["ready", port, addr] => (port.parse().ok(), *addr),
-                _ => (None, ""),
-            };
-            let Some(port) = port else {
-                return Err(Error::Remote(format!(
-                    "the far side said something this side does not understand: {}",
-                    viamillipede::error::shown(line.trim_end())
-                )));
-            };
-            // Anything else it prints goes to stderr, and ssh is never
-            // left writing to a closed pipe.
+            match words.as_slice() {
+                ["ready", port, addr] if port.parse::<u16>().is_ok() => {
+                    break (port.parse().unwrap_or(0), addr.to_string())
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Remote(format!(
+                        "the far side said something this side does not understand: {}",
+                        redact(&line)
+                    )));
+                }
+            }
+        };
+        // Anything else it prints goes to stderr, and ssh is never left
+        // writing to a closed pipe.
+        std::thread::spawn(move || {
+            let _ = io::copy(&mut lines, &mut io::stderr());
+        });
+        let pid = child.id();
+        let over = Arc::new(AtomicBool::new(false));
+        let (tell, status) = crossbeam_channel::bounded(1);
+        {
+            let over = Arc::clone(&over);
+            let host = inv.host.clone();
             std::thread::spawn(move || {
-                let _ = io::copy(&mut lines, &mut io::stderr());
-            });
-            return Ok(Far {
-                child,
-                stdin,
-                port,
-                addr: (addr != "-").then(|| addr.to_string()),
+                let status = child.wait();
+                if let Ok(s) = &status {
+                    if !s.success() && !over.load(Ordering::SeqCst) {
+                        log::error!(
+                            "the far side on {host} {} while the transfer was running (its messages are above); stopping",
+                            describe(*s)
+                        );
+                        std::process::exit(1);
+                    }
+                }
+                let _ = tell.send(status);
             });
         }
+        Ok(Far {
+            pid,
+            status,
+            over,
+            stdin,
+            port,
+            addr: (addr != "-").then_some(addr),
+        })
     }
 
     /// Waits for the far side's status. After a failure here, the far side
     /// is told (its stdin ends) and given a moment before ssh is killed.
     fn finish(&mut self, ok: bool) -> Result<ExitStatus, Error> {
+        self.over.store(true, Ordering::SeqCst);
+        let waited = |r: Result<io::Result<ExitStatus>, _>| match r {
+            Ok(status) => status.map_err(|e| Error::io("wait for ssh", e)),
+            Err(_) => Err(Error::Internal("ssh's waiting thread ended".into())),
+        };
         if ok {
             log::debug!("waiting for the far side to finish");
-            let status = self.child.wait().map_err(|e| Error::io("wait for ssh", e));
+            let status = waited(self.status.recv());
             drop(self.stdin.take());
             return status;
         }
         drop(self.stdin.take());
-        let deadline = Instant::now() + FAR_GRACE;
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Ok(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    return self.child.wait().map_err(|e| Error::io("wait for ssh", e));
-                }
+        match self.status.recv_timeout(FAR_GRACE) {
+            Ok(status) => waited(Ok(status)),
+            Err(_) => {
+                signal(self.pid, rustix::process::Signal::KILL, false);
+                waited(self.status.recv())
             }
         }
     }
@@ -557,9 +634,11 @@ fn not_started(inv: &Invocation, status: ExitStatus) -> Error {
             "'{path}' was not found on {host}: install viamillipede there, or give its path with --remote-path PATH"
         ),
         Some(126) => format!("'{path}' on {host} cannot be run (permission denied?)"),
-        Some(255) => format!("ssh to {host} failed (exit status 255; ssh's message is above)"),
+        Some(255) => format!(
+            "ssh to {host} failed, or the far side was killed (exit status 255; any message is above)"
+        ),
         Some(2) => format!(
-            "viamillipede on {host} refused its command line (exit status 2): is it version {}?",
+            "viamillipede on {host} refused its setup (exit status 2; its message is above): is it version {}?",
             env!("CARGO_PKG_VERSION")
         ),
         _ => format!(
@@ -569,53 +648,32 @@ fn not_started(inv: &Invocation, status: ExitStatus) -> Error {
     })
 }
 
-/// The far side's command line: `--ssh-serve ROLE CRYPT OPTIONS... -- COMMAND`.
-struct Serve {
-    role: Role,
-    encrypt: bool,
-    options: Vec<String>,
-    command: String,
-}
-
-fn parse_serve(args: &[String]) -> Result<Serve, Error> {
-    let bad = || {
-        usage(format!(
-            "{SERVE} is started by `viamillipede ssh`, not by hand"
-        ))
-    };
-    let (role, crypt) = match args {
-        [role, crypt, ..] => (Role::from_word(role).ok_or_else(bad)?, crypt.as_str()),
-        _ => return Err(bad()),
-    };
-    let rest = &args[2..];
-    let dashes = rest.iter().position(|a| a == "--").ok_or_else(bad)?;
-    let [command] = &rest[dashes + 1..] else {
-        return Err(bad());
-    };
-    Ok(Serve {
-        role,
-        encrypt: match crypt {
-            "encrypt" => true,
-            "authenticate" => false,
-            _ => return Err(bad()),
-        },
-        options: rest[..dashes].to_vec(),
-        command: command.clone(),
-    })
-}
-
-/// `viamillipede --ssh-serve ...`: the far side, started by ssh.
+/// `viamillipede --ssh-serve`: the far side, started by ssh, which reads
+/// its [`Setup`] from stdin.
 pub fn serve_main(args: &[OsString]) -> ExitCode {
-    let serve = match strings(args).and_then(|a| parse_serve(&a)) {
-        Ok(s) => s,
-        Err(e) => return fail(&e),
+    std::env::remove_var("VIAMILLIPEDE_KEY_FILE");
+    if !args.is_empty() {
+        return fail(&usage(format!(
+            "{SERVE} is started by `viamillipede ssh`, not by hand"
+        )));
+    }
+    let mut stdin = io::stdin();
+    let setup = match read_line(&mut stdin) {
+        Ok(line) => Setup::parse(&line),
+        Err(e) => return fail(&Error::io("read from the near side", e)),
     };
-    let mut config = match config_for(&serve.options, serve.role) {
+    let Some((setup, role)) = setup.and_then(|s| Role::from_word(&s.role).map(|r| (s, r))) else {
+        return fail(&usage(format!(
+            "the near side's setup is not what this version ({}) expects",
+            env!("CARGO_PKG_VERSION")
+        )));
+    };
+    let mut config = match config_for(&setup.options, role) {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
     init_logging(config.log_level(), "viamillipede (far side)");
-    match run_far(&serve, &mut config) {
+    match run_far(&setup, role, &mut config, stdin) {
         Ok(code) => code,
         Err(e) => {
             log::error!("{e}");
@@ -628,7 +686,7 @@ pub fn serve_main(args: &[OsString]) -> ExitCode {
 fn read_line(input: &mut impl Read) -> io::Result<String> {
     let mut line = Vec::new();
     let mut byte = [0u8];
-    while line.len() < 4096 {
+    while line.len() < 1 << 20 {
         if input.read(&mut byte)? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -643,21 +701,51 @@ fn read_line(input: &mut impl Read) -> io::Result<String> {
     Err(io::Error::other("line too long"))
 }
 
-fn run_far(serve: &Serve, config: &mut Config) -> Result<ExitCode, Error> {
-    let mut stdin = io::stdin();
-    let line = read_line(&mut stdin).map_err(|e| Error::io("read from the near side", e))?;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let (key, near_port) = match words.as_slice() {
-        [tag, "key", key, "port", port] if *tag == TAG => (*key, port.parse::<u16>().ok()),
-        _ => ("", None),
-    };
-    let Some(near_port) = near_port else {
-        return Err(Error::Remote(
-            "the near side's first line is not what this version expects".into(),
-        ));
-    };
-    config.key = Some(Key::new(key.as_bytes()).map_err(|e| Error::Remote(format!("key: {e}")))?);
-    config.encrypt = serve.encrypt;
+/// How long COMMAND has to stop after SIGTERM before it gets SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Sends `sig` to COMMAND's process group (its own: COMMAND may be a
+/// pipeline), or to the process alone.
+fn signal(pid: u32, sig: rustix::process::Signal, group: bool) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = match group {
+            true => rustix::process::kill_process_group(pid, sig),
+            false => rustix::process::kill_process(pid, sig),
+        };
+    }
+}
+
+/// Stops COMMAND after a failed transfer: SIGTERM to its group, then
+/// SIGKILL if it has not exited within [`STOP_GRACE`]. Returns once it has.
+fn stop(command: &Mutex<Option<Child>>, pid: u32) {
+    signal(pid, rustix::process::Signal::TERM, true);
+    let deadline = Instant::now() + STOP_GRACE;
+    loop {
+        let mut slot = command.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(child) = slot.as_mut() else { return };
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                signal(pid, rustix::process::Signal::KILL, true);
+                let _ = child.wait();
+                return;
+            }
+            Ok(None) => {}
+        }
+        drop(slot);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn run_far(
+    setup: &Setup,
+    role: Role,
+    config: &mut Config,
+    mut stdin: io::Stdin,
+) -> Result<ExitCode, Error> {
+    config.key =
+        Some(Key::new(setup.key.as_bytes()).map_err(|e| Error::Remote(format!("key: {e}")))?);
+    config.encrypt = setup.encrypt;
     // "client-address client-port server-address server-port"
     let connection = std::env::var("SSH_CONNECTION").unwrap_or_default();
     let connection: Vec<&str> = connection.split_whitespace().collect();
@@ -669,9 +757,11 @@ fn run_far(serve: &Serve, config: &mut Config) -> Result<ExitCode, Error> {
     let mut command = Command::new("sh");
     command
         .arg("-c")
-        .arg(&serve.command)
-        .stderr(Stdio::inherit());
-    if serve.role.receives() {
+        .arg(&setup.command)
+        .stderr(Stdio::inherit())
+        // A group of its own, so a pipeline can be stopped whole.
+        .process_group(0);
+    if role.receives() {
         // COMMAND's stdout is not the stream's: it goes with its stderr.
         let stderr = io::stderr()
             .as_fd()
@@ -683,10 +773,13 @@ fn run_far(serve: &Serve, config: &mut Config) -> Result<ExitCode, Error> {
     }
     let mut child = command
         .spawn()
-        .map_err(|e| Error::io(format!("run `{}`", serve.command), e))?;
+        .map_err(|e| Error::io(format!("run `{}`", setup.command), e))?;
     let pid = child.id();
+    let input = child.stdin.take();
+    let output = child.stdout.take();
+    let child = Arc::new(Mutex::new(Some(child)));
 
-    let listener = if serve.role.listens() {
+    let listener = if role.listens() {
         Some(
             net::listen(None, 0, &config.socket)
                 .map_err(|e| Error::io("listen on a free port", e))?,
@@ -720,7 +813,9 @@ fn run_far(serve: &Serve, config: &mut Config) -> Result<ExitCode, Error> {
             let _ = io::copy(&mut stdin, &mut io::sink());
             if !over.load(Ordering::SeqCst) {
                 log::error!("the near side went away (its ssh session ended): stopping");
-                terminate(pid);
+                signal(pid, rustix::process::Signal::TERM, true);
+                std::thread::sleep(STOP_GRACE.min(Duration::from_secs(2)));
+                signal(pid, rustix::process::Signal::KILL, true);
                 std::process::exit(1);
             }
         });
@@ -730,10 +825,10 @@ fn run_far(serve: &Serve, config: &mut Config) -> Result<ExitCode, Error> {
         let host = near_addr.clone().ok_or_else(|| {
             Error::Remote("ssh did not say where it came from (no SSH_CONNECTION)".into())
         })?;
-        Ok(vec![Destination::new(host, near_port)])
+        Ok(vec![Destination::new(host, setup.port)])
     };
-    let (result, status) = if serve.role.receives() {
-        let fd: OwnedFd = child.stdin.take().expect("stdin is piped").into();
+    let result = if role.receives() {
+        let fd: OwnedFd = input.expect("stdin is piped").into();
         // Held until the outcome is known, so COMMAND never sees the end of
         // its input for a stream that failed.
         let keep = fd
@@ -742,30 +837,29 @@ fn run_far(serve: &Serve, config: &mut Config) -> Result<ExitCode, Error> {
         let out = File::from(fd);
         let result = match listener {
             Some(l) => rx::receive(config, l, out, |_| {}),
-            None => rx::receive_dialing(config, &dialed()?, out),
+            None => dialed().and_then(|d| rx::receive_dialing(config, &d, out)),
         };
         over.store(true, Ordering::SeqCst);
         if result.is_err() {
-            terminate(pid);
+            stop(&child, pid);
         }
         drop(keep);
-        (result, Some(child.wait()))
+        result
     } else {
         let input = CommandOutput {
-            out: child.stdout.take().expect("stdout is piped"),
-            child: Some(child),
-            command: serve.command.clone(),
+            out: output.expect("stdout is piped"),
+            child: Arc::clone(&child),
+            command: setup.command.clone(),
         };
         let result = match listener {
             Some(l) => tx::send(config, tx::Connections::Accept(l), input),
-            None => tx::send(config, tx::Connections::Dial(&dialed()?), input),
+            None => dialed().and_then(|d| tx::send(config, tx::Connections::Dial(&d), input)),
         };
         over.store(true, Ordering::SeqCst);
         if result.is_err() {
-            terminate(pid);
+            stop(&child, pid);
         }
-        // A complete stream means COMMAND exited 0: its reader checked.
-        (result, None)
+        result
     };
     let summary = result?;
     log::info!(
@@ -773,22 +867,22 @@ fn run_far(serve: &Serve, config: &mut Config) -> Result<ExitCode, Error> {
         summary.bytes,
         summary.elapsed.as_secs_f64()
     );
+    // Sending: COMMAND was waited for at the end of its output, and exited
+    // 0, or the stream would have failed. Receiving: wait for it now.
+    let status = child
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .map(|mut c| c.wait());
     match status {
         Some(Ok(s)) if !s.success() => {
-            log::error!("`{}` {}", serve.command, describe(s));
+            log::error!("`{}` {}", setup.command, describe(s));
             Ok(ExitCode::from(
                 s.code().map_or(1, |c| c.clamp(1, 255) as u8),
             ))
         }
-        Some(Err(e)) => Err(Error::io(format!("wait for `{}`", serve.command), e)),
+        Some(Err(e)) => Err(Error::io(format!("wait for `{}`", setup.command), e)),
         _ => Ok(ExitCode::SUCCESS),
-    }
-}
-
-/// Asks COMMAND to stop (SIGTERM) after a failed transfer.
-fn terminate(pid: u32) {
-    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
 
@@ -796,7 +890,8 @@ fn terminate(pid: u32) {
 /// exited 0, so a failed `zfs send` never looks like a complete stream.
 struct CommandOutput {
     out: std::process::ChildStdout,
-    child: Option<Child>,
+    /// Taken (and waited for) at the end of the output.
+    child: Arc<Mutex<Option<Child>>>,
     command: String,
 }
 
@@ -804,7 +899,8 @@ impl Read for CommandOutput {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.out.read(buf)?;
         if n == 0 && !buf.is_empty() {
-            if let Some(mut child) = self.child.take() {
+            let child = self.child.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(mut child) = child {
                 let status = child.wait()?;
                 if !status.success() {
                     return Err(io::Error::other(format!(
@@ -863,44 +959,43 @@ mod tests {
     }
 
     #[test]
-    fn the_far_command_is_quoted_once() {
-        let i = inv("h threads 4 --progress --stats-json s.json -- tar x -C '/srv/it's'")
+    fn only_plain_words_go_through_the_far_shell() {
+        let i = inv("--remote-path ~/bin/viamillipede h threads 4 --progress --stats-json s.json -- tar x -C '/srv/it's'")
             .unwrap()
             .unwrap();
-        let line = far_command(&i, Role::Receive);
-        assert_eq!(
-            line,
-            r#"viamillipede --ssh-serve receive encrypt --threads 4 -- 'tar x -C '\''/srv/it'\''s'\'''"#
-        );
-        assert_eq!(quote(""), "''");
-        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(far_command(&i), "~/bin/viamillipede --ssh-serve");
+        assert_eq!(far_options(&i.transfer), ["--threads", "4"]);
     }
 
     #[test]
-    fn the_serve_line_round_trips() {
-        let i = inv("h --no-encrypt verbose 2 -- cat > out")
-            .unwrap()
-            .unwrap();
-        let words = [
-            "receive-dialing",
-            "authenticate",
-            "--verbose",
-            "2",
-            "--",
-            "cat > out",
-        ]
-        .map(String::from);
-        let s = parse_serve(&words).unwrap();
-        assert_eq!(s.role, Role::ReceiveDialing);
-        assert!(!s.encrypt);
-        assert_eq!(s.options, far_options(&i.transfer));
-        assert_eq!(s.command, i.command.join(" "));
-        assert!(parse_serve(&["receive".into()]).is_err());
+    fn the_setup_line_round_trips_whatever_the_command_holds() {
+        let setup = Setup {
+            key: "ab".repeat(32),
+            role: Role::ReceiveDialing.word().into(),
+            encrypt: false,
+            port: 4242,
+            options: vec!["--verbose".into(), "2".into()],
+            command: "printf '%s\\n' \"a b\" $HOME `x`\nexit 3".into(),
+        };
+        let line = setup.line();
+        assert!(line.starts_with(TAG) && line.ends_with('\n'));
+        assert_eq!(line.matches('\n').count(), 1, "one line: {line}");
+        assert_eq!(Setup::parse(&line), Some(setup));
+        assert_eq!(Setup::parse("viamillipede-ssh/2 {}"), None);
+        assert_eq!(Setup::parse(&format!("{TAG} not json")), None);
         for (pull, reverse) in [(false, false), (true, false), (false, true), (true, true)] {
             let (near, far) = Role::pair(pull, reverse);
             assert_ne!(near.listens(), far.listens());
             assert_ne!(near.receives(), far.receives());
             assert_eq!(Role::from_word(far.word()), Some(far));
         }
+    }
+
+    #[test]
+    fn ssh_mode_refuses_what_would_not_reach_the_end() {
+        assert!(err("h leglimit 5 -- cat").contains("leglimit"));
+        assert!(err("h prbs 7 -- cat").contains("prbs"));
+        assert!(err("--reverse --via 10.0.0.2 h -- cat").contains("--via"));
+        assert!(err("threads 4 h -- cat").contains("after it"));
     }
 }

@@ -17,6 +17,7 @@ pub struct Sshd {
     dir: PathBuf,
     child: Child,
     port: u16,
+    log: crossbeam_channel::Receiver<String>,
 }
 
 impl Sshd {
@@ -81,6 +82,7 @@ impl Sshd {
             .unwrap();
         // Ready when it says so.
         let (ready_tx, ready) = crossbeam_channel::bounded(1);
+        let (log_tx, log) = crossbeam_channel::unbounded();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
@@ -88,9 +90,15 @@ impl Sshd {
                 if line.contains("Server listening on") {
                     let _ = ready_tx.try_send(());
                 }
+                let _ = log_tx.send(line);
             }
         });
-        let sshd = Sshd { dir, child, port };
+        let sshd = Sshd {
+            dir,
+            child,
+            port,
+            log,
+        };
         ready
             .recv_timeout(Duration::from_secs(20))
             .expect("sshd did not say it was listening");
@@ -105,6 +113,18 @@ impl Sshd {
             self.port,
             self.dir.display()
         )
+    }
+
+    /// Waits for a line of sshd's log containing `needle`.
+    pub fn wait_log(&self, needle: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            match self.log.recv_deadline(deadline) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(_) => panic!("sshd logged no {needle:?} within {within:?}"),
+            }
+        }
     }
 
     /// A path in this sshd's directory, for files the far side writes.
@@ -292,4 +312,48 @@ fn ssh_mode_refuses_ends_and_keys_of_its_own() {
         assert_eq!(status.code(), Some(2), "{words:?}: {}", p.stderr());
         p.expect_stderr(needle);
     }
+}
+
+#[test]
+fn the_far_command_never_sees_a_clean_end_when_the_near_side_dies() {
+    let Some(sshd) = Sshd::start() else { return };
+    let (out, mark) = (sshd.path("partial"), sshd.path("finished"));
+    // A subshell: were only `sh` stopped, it would see the end of its
+    // input and finish as if the stream were whole.
+    let cmd = format!("(cat > {} && touch {})", out.display(), mark.display());
+    let args = ssh_args(
+        &sshd,
+        &["127.0.0.1", "threads", "2", "verbose", "1", "--", &cmd],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut near, feed) = tx_fed(&args);
+    near.wait_line("connected", Duration::from_secs(20));
+    feed.send(data(4 << 20, 306)).unwrap();
+    near.signal("KILL");
+    let _ = near.wait(Duration::from_secs(5));
+    sshd.wait_log("Disconnected from user root", Duration::from_secs(30));
+    assert!(
+        !mark.exists(),
+        "the far command took a cut stream for a whole one"
+    );
+}
+
+#[test]
+fn a_far_side_that_dies_stops_the_near_side_at_once() {
+    let Some(sshd) = Sshd::start() else { return };
+    // The far viamillipede is killed outright: without watching ssh, this
+    // side would wait out its five-minute reconnect timeout.
+    let (feed_words, cmd) = (
+        ["127.0.0.1", "threads", "2", "--"],
+        "sleep 1; kill -9 $PPID",
+    );
+    let mut words: Vec<&str> = feed_words.to_vec();
+    words.push(cmd);
+    let args = ssh_args(&sshd, &words);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut near, feed) = tx_fed(&args);
+    feed.send(data(1 << 20, 307)).unwrap();
+    let status = near.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", near.stderr());
+    near.expect_stderr("while the transfer was running");
 }

@@ -257,3 +257,47 @@ fn sigint_on_a_receiver_whose_reader_is_stuck_says_so_and_the_second_exits() {
     assert_eq!(status.code(), Some(130), "{}", r.stderr());
     r.expect_stderr("SIGINT again: exiting at once");
 }
+
+#[test]
+fn command_line_mistakes_get_the_right_spelling() {
+    for (words, needle) in [
+        (&["rx", "0", "thread", "4"][..], "did you mean 'threads'"),
+        (&["--tx", "localhost", "8834"][..], "--tx localhost:8834"),
+        (&["tx", "localhost:8834"][..], "tx localhost 8834"),
+        (&["rx", "0", "threads", "65"][..], "give 1 to 64"),
+        (&["rx", "0", "--foot-size", "1.5Q"][..], "powers of 1000"),
+    ] {
+        let (mut p, _) = Proc::spawn("cli", words, Out::Collect);
+        assert_eq!(p.wait(Duration::from_secs(5)).code(), Some(2), "{words:?}");
+        p.expect_stderr(needle);
+    }
+    // The reverse forms as the recipes write them, and sizes with units.
+    let (mut r, _) = Proc::spawn(
+        "rx --connect",
+        &[
+            "rx",
+            "--connect",
+            "127.0.0.1:9",
+            "--reconnect-timeout",
+            "1",
+            "--foot-size",
+            "1.5MiB",
+        ],
+        Out::Collect,
+    );
+    assert_eq!(
+        r.wait(Duration::from_secs(10)).code(),
+        Some(1),
+        "{}",
+        r.stderr()
+    );
+    r.expect_stderr("no connection");
+    let (mut help, _) = Proc::spawn("help", &["--help"], Out::Collect);
+    let (status, text) = help.output();
+    assert!(status.success());
+    let text = String::from_utf8(text).unwrap();
+    assert!(
+        text.contains("viamillipede rx [ADDR:]PORT") && text.contains("viamillipede ssh"),
+        "{text:.400}"
+    );
+}
