@@ -189,6 +189,11 @@ fn usage(msg: impl Into<String>) -> Error {
 
 /// Parses what follows `ssh`; `None` asks for the help text.
 fn parse_invocation(args: &[String]) -> Result<Option<Invocation>, Error> {
+    if args.is_empty() {
+        return Err(usage(
+            "give the far host and the command: viamillipede ssh HOST -- COMMAND (see viamillipede ssh --help)",
+        ));
+    }
     let (before, command) = match args.iter().position(|a| a == "--") {
         Some(i) => (&args[..i], &args[i + 1..]),
         None if args.iter().any(|a| a == "-h" || a == "--help") => return Ok(None),
