@@ -159,9 +159,10 @@ pub struct Cli {
     #[arg(long, value_name = "HOST:PORT")]
     pub tx: Vec<String>,
 
-    /// Connections (worker threads) per destination, 1 to 64.
-    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_THREADS,
-          value_parser = |s: &str| number::<u16>(s, 1, 64))]
+    /// Connections (worker threads) per destination, 1 to 64; or auto (tx):
+    /// start with 4 per destination, and double them while the delivery
+    /// rate grows by 15% or more with each doubling, up to 64.
+    #[arg(long, value_name = "N|auto", default_value = "16", value_parser = parse_threads)]
     pub threads: u16,
 
     /// Log verbosity 0 to 20: 0 warnings and errors, 1 connections and a
@@ -359,6 +360,14 @@ fn compress_level(s: &str) -> Result<i32, String> {
     match n {
         -7..=19 => Ok(n),
         _ => Err(format!("{n} is out of range: give -7 to 19")),
+    }
+}
+
+/// `threads N` or `threads auto` (0 here).
+fn parse_threads(s: &str) -> Result<u16, String> {
+    match s.trim() {
+        "auto" => Ok(0),
+        n => number::<u16>(n, 1, 64).map_err(|e| format!("{e}, or auto")),
     }
 }
 
@@ -757,6 +766,18 @@ impl Cli {
                 .map_err(|e| Error::Usage(format!("--stats-json {}: {e}", path.display())))?;
         }
         let ignored = self.ignored_by(&mode);
+        let dialing_rx = matches!(mode, Mode::RxConnect { .. });
+        if self.threads == 0 && dialing_rx {
+            warnings.push(format!(
+                "threads auto is found by the sender: a receiver that connects uses {}",
+                config::DEFAULT_THREADS
+            ));
+        }
+        let (threads, auto_threads) = match (self.threads, dialing_rx) {
+            (0, true) => (config::DEFAULT_THREADS, false),
+            (0, false) => (config::AUTO_MAX_THREADS, true),
+            (n, _) => (n, false),
+        };
         Ok(Config {
             ignored,
             display: crate::monitor::Display {
@@ -785,7 +806,8 @@ impl Cli {
             },
             local_receiver: None,
             mode,
-            threads: self.threads,
+            threads,
+            auto_threads,
             verbose: self.verbose,
             checkphrase: self.checkphrase.unwrap_or(*b"\0\0\0\0"),
             foot_size: self.foot_size,
@@ -1134,6 +1156,10 @@ mod tests {
             .is_empty());
         let w = ignored_warning(&c.ignored).unwrap();
         assert!(w.contains("--compress, --rate, threads only mean"), "{w}");
+        let auto = config("tx h 1 threads auto").unwrap();
+        assert!(auto.auto_threads && auto.threads == config::AUTO_MAX_THREADS);
+        let dialing = config("--connect h:1 threads auto").unwrap();
+        assert!(!dialing.auto_threads && dialing.threads == config::DEFAULT_THREADS);
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::time::Duration;
 pub const DEFAULT_FOOT: u32 = 2 << 20;
 /// Default number of connections per destination.
 pub const DEFAULT_THREADS: u16 = 16;
+/// The most connections per destination `threads auto` uses.
+pub const AUTO_MAX_THREADS: u16 = 64;
 /// Default flow-control window in feet.
 pub const DEFAULT_WINDOW: u32 = 64;
 /// Default time to keep trying to (re)connect before giving up.
@@ -130,8 +132,11 @@ pub enum Tunnel {
 pub struct Config {
     /// Receive or transmit.
     pub mode: Mode,
-    /// Connections per destination.
+    /// Connections per destination (with `auto_threads`, the most).
     pub threads: u16,
+    /// `threads auto`: tx finds the count per destination (see
+    /// [`crate::tx::count`]).
+    pub auto_threads: bool,
     /// Log verbosity, 0..=20.
     pub verbose: u8,
     /// The 4-byte phrase both sides must share.

@@ -148,6 +148,9 @@ pub struct Scenario {
     pub seed: u64,
     /// Stop after this much virtual time.
     pub limit: Duration,
+    /// `threads auto`: `threads` is the most per path, and the count is
+    /// found.
+    pub auto: bool,
 }
 
 impl Scenario {
@@ -166,6 +169,7 @@ impl Scenario {
             reconnect_timeout: Duration::from_secs(300),
             seed: 1,
             limit: Duration::from_secs(3600),
+            auto: false,
         }
     }
 
@@ -205,6 +209,8 @@ pub struct Report {
     pub committed_before_first_ack: u64,
     /// When the receiver wrote its first byte.
     pub first_output: Option<Duration>,
+    /// Connections in use per path at the end.
+    pub counts: Vec<usize>,
 }
 
 impl Report {
@@ -400,12 +406,17 @@ pub fn run(sc: &Scenario) -> Report {
             reconnects: 0,
             committed_before_first_ack: 0,
             first_output: None,
+            counts: Vec::new(),
         },
     };
+    if sc.auto {
+        sim.schedule.find_count(t0);
+    }
     sim.go();
     let snap = sim.schedule.snapshot();
     sim.report.retransmits = snap.retransmits;
     sim.report.stalls = snap.stalls;
+    sim.report.counts = sim.schedule.counts();
     sim.report
 }
 
@@ -559,7 +570,9 @@ impl Sim<'_> {
         for w in 0..self.workers.len() {
             let path = &self.sc.paths[self.path_of[w]];
             match self.workers[w] {
-                Worker::Backoff { until, next } if self.now >= until => {
+                Worker::Backoff { until, next }
+                    if self.now >= until && self.schedule.is_enabled(w) =>
+                {
                     // The kernel sends the SYN again after 1 s; the connect
                     // times out after 3.
                     let syn = [Duration::ZERO, Duration::from_secs(1)]
@@ -652,7 +665,7 @@ impl Sim<'_> {
                     continue;
                 }
                 any = true;
-                if !self.schedule.is_connected(w) {
+                if !self.schedule.is_connected(w) || self.schedule.retired(w) {
                     self.teardown(w);
                     continue;
                 }
@@ -1302,5 +1315,90 @@ mod faults {
             let sc = Scenario::new(vec![Path::new(10.0, 20.0)], bytes);
             ok(&format!("{bytes} bytes"), &sc);
         }
+    }
+}
+
+#[cfg(test)]
+mod auto {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn run_ok(sc: &Scenario) -> Report {
+        let r = run(sc);
+        assert!(r.complete(sc.bytes), "did not complete: {r:?}");
+        r
+    }
+
+    fn auto(paths: Vec<Path>, bytes: u64) -> Scenario {
+        let mut sc = Scenario::new(paths, bytes);
+        sc.threads = 64;
+        sc.auto = true;
+        sc
+    }
+
+    #[test]
+    fn a_long_lossy_path_gets_more_connections_and_carries_more() {
+        // One stream is held to about 1.3 Mbit/s here (the Mathis bound):
+        // sixteen fill a tenth of the link, the count grows past them.
+        let path = Path::new(200.0, 150.0).loss(0.005);
+        let bytes = 256 * MIB;
+        let fixed = run_ok(&Scenario::new(vec![path.clone()], bytes));
+        let found = run_ok(&auto(vec![path], bytes));
+        eprintln!(
+            "200 Mbit/s, 150 ms, 0.5%: threads 16 {:?}, auto {:?} with {:?}",
+            fixed.time, found.time, found.counts
+        );
+        assert_eq!(found.counts, [64]);
+        assert!(found.time.as_secs_f64() * 2.0 < fixed.time.as_secs_f64());
+    }
+
+    #[test]
+    fn clean_paths_keep_a_few_and_lose_nothing_against_the_ideal() {
+        for (mbit, rtt) in [
+            (1.0, 20.0),
+            (3.0, 50.0),
+            (10.0, 20.0),
+            (100.0, 20.0),
+            (1000.0, 2.0),
+        ] {
+            let path = Path::new(mbit, rtt);
+            let bytes = ((path.rate * 20.0) as u64).max(4 * MIB);
+            let sc = auto(vec![path], bytes);
+            let r = run_ok(&sc);
+            let ratio = r.time.as_secs_f64() / sc.ideal().as_secs_f64();
+            eprintln!(
+                "{mbit} Mbit/s, {rtt} ms: auto {ratio:.2} of ideal, {:?}",
+                r.counts
+            );
+            assert!(ratio < 1.3, "{mbit} Mbit/s: {ratio:.2} of the ideal");
+            assert!(
+                r.counts[0] <= 16,
+                "{mbit} Mbit/s: {:?} connections",
+                r.counts
+            );
+        }
+    }
+
+    #[test]
+    fn three_ranked_paths_with_a_found_count() {
+        let paths = vec![
+            Path::new(100.0, 20.0),
+            Path::new(50.0, 20.0),
+            Path::new(20.0, 20.0),
+        ];
+        let sc = auto(paths, 384 * MIB);
+        let r = run_ok(&sc);
+        let ratio = r.time.as_secs_f64() / sc.ideal().as_secs_f64();
+        eprintln!("three paths: auto {ratio:.2} of ideal, {:?}", r.counts);
+        assert!(ratio < 1.1, "{ratio:.2}");
+    }
+
+    #[test]
+    fn a_paced_source_does_not_grow_the_count() {
+        let mut sc = auto(vec![Path::new(1000.0, 2.0)], 200 * MIB);
+        sc.source = Some(20e6);
+        let r = run_ok(&sc);
+        assert_eq!(r.counts, [crate::tx::count::START], "{r:?}");
     }
 }

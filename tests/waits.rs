@@ -301,3 +301,16 @@ fn command_line_mistakes_get_the_right_spelling() {
         "{text:.400}"
     );
 }
+
+#[test]
+fn threads_auto_finds_its_count_and_delivers_exactly() {
+    let (_, rx_err) = transfer(
+        data(24 << 20, 409),
+        &["threads", "auto", "verbose", "1"],
+        &[],
+    );
+    drop(rx_err);
+    let (mut p, _) = Proc::spawn("cli", &["rx", "0", "threads", "0"], Out::Collect);
+    assert_eq!(p.wait(Duration::from_secs(5)).code(), Some(2));
+    p.expect_stderr("give 1 to 64, or auto");
+}

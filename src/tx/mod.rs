@@ -5,6 +5,7 @@
 //! destination pull feet from it. The main thread waits for rx's final
 //! confirmation, a fatal error, or the reconnect timeout.
 
+pub mod count;
 pub mod schedule;
 pub mod window;
 mod worker;
@@ -266,6 +267,9 @@ pub fn send(
     }
     if let Connections::Dial(destinations) = &connections {
         window.name_ranks(destinations.iter().map(|d| d.to_string()).collect());
+        if config.auto_threads {
+            window.find_count();
+        }
     }
     let links: Arc<Vec<Link>> = Arc::new(labels.into_iter().map(Link::new).collect());
     let clock = Arc::new(Clock::new());

@@ -182,6 +182,8 @@ pub struct Snapshot {
 #[derive(Debug)]
 struct Slot {
     rank: usize,
+    /// In use (with `threads auto`, only as many as the count says).
+    enabled: bool,
     connected: bool,
     /// Still on its first connection attempt.
     first_attempt: bool,
@@ -310,6 +312,10 @@ pub struct Schedule {
     rank_names: Vec<String>,
     /// Ranks the user was told cannot be reached.
     rank_down: Vec<bool>,
+    /// `threads auto`: how many of each rank's connections are in use.
+    count: Option<super::count::Count>,
+    /// Bytes acknowledged on each rank so far.
+    rank_acked: Vec<u64>,
 }
 
 impl Schedule {
@@ -320,6 +326,7 @@ impl Schedule {
             .iter()
             .map(|&rank| Slot {
                 rank,
+                enabled: true,
                 connected: false,
                 first_attempt: true,
                 inflight: Vec::new(),
@@ -370,7 +377,63 @@ impl Schedule {
             waiting_told: None,
             rank_names: Vec::new(),
             rank_down: vec![false; nranks],
+            count: None,
+            rank_acked: vec![0; nranks],
         }
+    }
+
+    /// `threads auto`: each rank's slots are at most how many connections it
+    /// may use; start with a few and find the count (see [`super::count`]).
+    pub fn find_count(&mut self, now: Instant) {
+        let max: Vec<usize> = (0..self.ranks)
+            .map(|r| self.slots.iter().filter(|s| s.rank == r).count())
+            .collect();
+        let count = super::count::Count::new(&max, now);
+        self.count = Some(count);
+        self.enable_counted();
+        self.settle(now);
+    }
+
+    /// Enables the first `count` slots of each rank, and disables the rest:
+    /// a disabled slot gets no more pieces, and once its last is
+    /// acknowledged its connection closes ([`Self::retired`]).
+    fn enable_counted(&mut self) {
+        let Some(count) = &self.count else { return };
+        let mut seen = vec![0usize; self.ranks];
+        for slot in &mut self.slots {
+            let enabled = seen[slot.rank] < count.active(slot.rank);
+            seen[slot.rank] += 1;
+            if !enabled && !slot.connected {
+                // Not dialing is not a failed first attempt.
+                slot.first_attempt = false;
+            }
+            slot.enabled = enabled;
+        }
+        self.wake_all();
+    }
+
+    /// Whether worker `w` may connect and take pieces.
+    pub fn is_enabled(&self, w: usize) -> bool {
+        self.slots[w].enabled
+    }
+
+    /// Whether worker `w` should close its connection: disabled by the
+    /// count, with nothing left unacknowledged.
+    pub fn retired(&self, w: usize) -> bool {
+        let s = &self.slots[w];
+        !s.enabled && s.connected && s.inflight.is_empty()
+    }
+
+    /// Connections in use per rank (all of them without `threads auto`).
+    pub fn counts(&self) -> Vec<usize> {
+        (0..self.ranks)
+            .map(|r| {
+                self.slots
+                    .iter()
+                    .filter(|s| s.rank == r && s.enabled)
+                    .count()
+            })
+            .collect()
     }
 
     /// Names each rank's destination, for what the user is told.
@@ -505,6 +568,7 @@ impl Schedule {
             _ => 0.0,
         };
         s.connected
+            && s.enabled
             && (s.inflight.len() < self.params.inflight || (s.inflight_bytes() as f64) < allowance)
     }
 
@@ -600,7 +664,7 @@ impl Schedule {
         for o in self
             .slots
             .iter()
-            .filter(|o| o.connected && o.rank != me.rank)
+            .filter(|o| o.connected && o.enabled && o.rank != me.rank)
         {
             let theirs = o.rate.unwrap_or(0.0);
             let mut ahead = 0.0;
@@ -720,7 +784,7 @@ impl Schedule {
         let (mut rate, mut bytes) = (0.0, (queued + self.unsent_bytes) as f64);
         for (j, o) in self.slots.iter().enumerate() {
             match o.rate {
-                Some(r) if j != w && o.connected && r > 2.0 * my_rate => {
+                Some(r) if j != w && o.connected && o.enabled && r > 2.0 * my_rate => {
                     rate += r;
                     bytes += o.inflight_bytes() as f64;
                 }
@@ -767,6 +831,7 @@ impl Schedule {
         if let Some(at) = slot.inflight.iter().position(|p| p.id == id) {
             let p = slot.inflight.remove(at);
             self.rank_inflight[r] -= p.len as u64;
+            self.rank_acked[r] += p.len as u64;
             slot.acked += p.len as u64;
             // What the connection delivered over the piece's whole life
             // (BBR's delivery-rate sample): never less than a round trip,
@@ -976,6 +1041,7 @@ impl Schedule {
             .waiting_told
             .filter(|_| self.connected == 0)
             .map(|t| t + NOTICE_EVERY);
+        let count = self.count.as_ref().and_then(|c| c.deadline());
         // Waits that end by themselves matter only where a worse rank waits.
         let ranked = self.ranks > 1;
         let grace = (ranked && now < self.grace_until).then_some(self.grace_until);
@@ -995,6 +1061,7 @@ impl Schedule {
             .chain(stuck)
             .chain(refused)
             .chain(notice)
+            .chain(count)
             .chain(grace)
             .chain(patience)
             .min()
@@ -1060,6 +1127,17 @@ impl Schedule {
                 "nothing delivered for {} s although connections were made, giving up (last error: {why})",
                 timeout.as_secs()
             ))));
+        }
+        if let Some(count) = self.count.as_mut() {
+            // The network set the pace if input waited for a connection.
+            let limited = self.unsent_bytes > 0 || !self.queue.is_empty();
+            let changed = count.tick(now, &self.rank_acked, limited);
+            for &(rank, n) in &changed {
+                log::info!("{}: {n} connections", self.rank_name(rank));
+            }
+            if !changed.is_empty() {
+                self.enable_counted();
+            }
         }
         if closed {
             self.wake_all();

@@ -164,6 +164,17 @@ impl Window {
             if !s.schedule.is_connected(w) {
                 return Next::Lost;
             }
+            if s.schedule.retired(w) {
+                // No longer counted (`threads auto`), with nothing left in
+                // flight: shut the socket (which ends its acknowledgement
+                // reader too) and let the others have its place.
+                if let Some(closer) = s.closers[w].take() {
+                    (closer.0)();
+                }
+                s.schedule.disconnected(w, Instant::now());
+                self.apply(&mut s);
+                return Next::Lost;
+            }
             let piece = s.schedule.poll_send(w, Instant::now());
             self.apply(&mut s);
             if let Some(foot) = piece {
@@ -209,6 +220,31 @@ impl Window {
     /// Worker `w`'s attempt to connect failed.
     pub fn attempt_failed(&self, w: usize) {
         self.with(|s, now| s.attempt_failed(w, now));
+    }
+
+    /// `threads auto`: start with a few connections per destination and
+    /// find the count (see the schedule).
+    pub fn find_count(&self) {
+        self.with(|s, now| s.find_count(now));
+    }
+
+    /// Waits until worker `w` may connect; false if the transfer is over.
+    pub fn wait_enabled(&self, w: usize) -> bool {
+        let mut s = self.lock();
+        loop {
+            if s.schedule.is_finished() {
+                return false;
+            }
+            if s.schedule.is_enabled(w) {
+                return true;
+            }
+            s = self.workers[w].wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Connections in use per destination.
+    pub fn counts(&self) -> Vec<usize> {
+        self.lock().schedule.counts()
     }
 
     /// Names each rank's destination, for what the user is told.

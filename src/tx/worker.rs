@@ -62,6 +62,10 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     let mut backoff = BACKOFF_START;
     let mut connections = 0u64;
     while !shared.window.is_finished() {
+        // With `threads auto`, only the connections the count uses dial.
+        if !shared.window.wait_enabled(w) {
+            break;
+        }
         link.set_state(LinkState::Connecting);
         let opened = dial(shared, dest).and_then(|s| {
             let deadline = Instant::now() + shared.config.handshake_timeout;
