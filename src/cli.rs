@@ -161,7 +161,8 @@ pub struct Cli {
 
     /// Connections (worker threads) per destination, 1 to 64; or auto (tx):
     /// start with 4 per destination, and double them while the delivery
-    /// rate grows by 15% or more with each doubling, up to 64.
+    /// rate grows by 15% or more with each doubling, up to 64 (rx's memory
+    /// bound grows with the connections, see above).
     #[arg(long, value_name = "N|auto", default_value = "16", value_parser = parse_threads)]
     pub threads: u16,
 
@@ -889,6 +890,13 @@ fn completions(shell: clap_complete::Shell) -> String {
         clap_complete::Shell::Fish => {
             format!("{script}complete -c viamillipede -f -a '{COMPLETED_KEYWORDS}'\n")
         }
+        clap_complete::Shell::Zsh => script.replacen(
+            "'--version[Print version]' \\\n&& ret=0",
+            &format!(
+                "'--version[Print version]' \\\n'*::keyword:({COMPLETED_KEYWORDS})' \\\n&& ret=0"
+            ),
+            1,
+        ),
         _ => script,
     }
 }

@@ -611,6 +611,9 @@ fn completions_for_bash_zsh_and_fish() {
             script.contains("viamillipede") && script.contains("threads"),
             "{shell}: {script:.200}"
         );
+        if shell != "bash" {
+            assert!(script.contains("rx tx ssh threads"), "{shell}: no keywords");
+        }
         if shell == "bash" {
             // The keywords are offered, and a number is never a file name.
             assert!(script.contains("opts=\"rx tx ssh threads"), "{script:.300}");
