@@ -108,6 +108,15 @@ fn a_preferred_destination_carries_the_stream_when_it_keeps_up() {
         "64K",
     ];
     let (mut t, feed) = tx_fed(&args);
+    // Every connection up first: a foot that waits half a second for a
+    // better destination still connecting goes to a worse one (the start's
+    // rule), which a loaded machine can make happen.
+    let (mut first, mut second) = (0, 0);
+    while first < 2 || second < 2 {
+        let line = t.wait_line("connected to", Duration::from_secs(20));
+        first += usize::from(line.contains(&format!("127.0.0.1:{p}")));
+        second += usize::from(line.contains(&format!("127.0.0.2:{p}")));
+    }
     let input = data(20 * (64 << 10), 5);
     let stdout = stdout.as_mut().unwrap();
     let mut got = vec![0u8; 64 << 10];
