@@ -68,6 +68,16 @@ fn a_port_where_something_else_answers_is_an_error_at_once() {
             held.push(s);
         }
     });
+    // At the default handshake timeout, the wait is told after a few
+    // seconds, before the error.
+    let p = ports[1].to_string();
+    let (t, _feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "2"]);
+    let line = t.wait_line("waiting for the receiver", Duration::from_secs(6));
+    assert!(
+        line.contains("no connection has finished its handshake"),
+        "{line}"
+    );
+    drop(t);
     for (port, needle) in [
         (ports[0], "is not a viamillipede receiver"),
         (ports[1], "did not answer the handshake in time"),

@@ -97,6 +97,10 @@ pub const STALL_MAX: Duration = Duration::from_secs(30);
 pub const REFUSAL_GRACE: Duration = Duration::from_secs(3);
 /// How often a wait for the receiver is told again.
 pub const NOTICE_EVERY: Duration = Duration::from_secs(30);
+/// How long a start without any connection may be quiet: the wait is told
+/// then even while some attempt is still on its way (a handshake with a
+/// listener that never answers, say).
+pub const QUIET_START: Duration = Duration::from_secs(3);
 /// A connection is stalled after this many of its usual gaps without a sign.
 const STALL_GAPS: u32 = 6;
 /// At the very end, an idle connection sends a copy of a piece lagging on
@@ -308,6 +312,8 @@ pub struct Schedule {
     armed: Option<Instant>,
     /// When the user was last told that no connection is up.
     waiting_told: Option<Instant>,
+    /// When the transfer started.
+    started: Instant,
     /// Each rank's destination, for notices.
     rank_names: Vec<String>,
     /// Ranks the user was told cannot be reached.
@@ -375,6 +381,7 @@ impl Schedule {
             effects: Effects::default(),
             armed: None,
             waiting_told: None,
+            started: now,
             rank_names: Vec::new(),
             rank_down: vec![false; nranks],
             count: None,
@@ -451,7 +458,30 @@ impl Schedule {
     fn why(&self) -> String {
         self.last_error
             .clone()
-            .unwrap_or_else(|| "no answer".into())
+            .unwrap_or_else(|| "no connection has finished its handshake yet".into())
+    }
+
+    /// Tells the user, once, that no connection is up and why the last
+    /// attempt failed.
+    fn tell_waiting(&mut self, now: Instant) {
+        if self.finished || self.connected > 0 || self.waiting_told.is_some() {
+            return;
+        }
+        let timeout = self.params.reconnect_timeout;
+        let left = self.lost_since.map_or(timeout, |t| {
+            timeout.saturating_sub(now.saturating_duration_since(t))
+        });
+        let left = crate::stats::human_duration(left);
+        let notice = match self.refusals_end {
+            true => format!(
+                "waiting for the receiver: {}; trying again for {left}",
+                self.why()
+            ),
+            // The receiver dials in (reverse mode).
+            false => format!("waiting for the receiver to connect; giving up in {left}"),
+        };
+        self.effects.notices.push(notice);
+        self.waiting_told = Some(now);
     }
 
     /// Tells the user about ranks none of whose connections could be made
@@ -944,22 +974,8 @@ impl Schedule {
     /// [`NOTICE_EVERY`] while that lasts.
     pub fn attempt_failed(&mut self, w: usize, now: Instant) {
         self.slots[w].first_attempt = false;
-        if !self.finished
-            && self.connected == 0
-            && self.waiting_told.is_none()
-            && self.slots.iter().all(|s| !s.first_attempt)
-        {
-            let timeout = self.params.reconnect_timeout;
-            let left = self.lost_since.map_or(timeout, |t| {
-                timeout.saturating_sub(now.saturating_duration_since(t))
-            });
-            let notice = format!(
-                "waiting for the receiver: {}; trying again for {}",
-                self.why(),
-                crate::stats::human_duration(left)
-            );
-            self.effects.notices.push(notice);
-            self.waiting_told = Some(now);
+        if self.slots.iter().all(|s| !s.first_attempt) || now >= self.started + QUIET_START {
+            self.tell_waiting(now);
         }
         self.check_ranks();
         self.wake_all();
@@ -1042,6 +1058,9 @@ impl Schedule {
             .filter(|_| self.connected == 0)
             .map(|t| t + NOTICE_EVERY);
         let count = self.count.as_ref().and_then(|c| c.deadline());
+        let quiet = (self.connected == 0 && !self.ever_connected && self.waiting_told.is_none())
+            .then_some(self.started + QUIET_START)
+            .filter(|&t| t > now);
         // Waits that end by themselves matter only where a worse rank waits.
         let ranked = self.ranks > 1;
         let grace = (ranked && now < self.grace_until).then_some(self.grace_until);
@@ -1062,6 +1081,7 @@ impl Schedule {
             .chain(refused)
             .chain(notice)
             .chain(count)
+            .chain(quiet)
             .chain(grace)
             .chain(patience)
             .min()
@@ -1095,6 +1115,9 @@ impl Schedule {
             .last_error
             .clone()
             .unwrap_or_else(|| "no connection".into());
+        if now >= self.started + QUIET_START && !self.ever_connected {
+            self.tell_waiting(now);
+        }
         if let (0, Some(told), Some(lost)) = (self.connected, self.waiting_told, self.lost_since) {
             let gone = now.saturating_duration_since(lost);
             if now >= told + NOTICE_EVERY && gone < timeout {
@@ -1609,5 +1632,22 @@ mod tests {
             Some(Err(Error::GaveUp(m))) => assert!(m.contains("cannot resolve"), "{m}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_start_with_one_attempt_still_hanging_is_told_after_a_few_seconds() {
+        // One connection waits on a listener that never answers; the other
+        // was refused at once.
+        let t0 = Instant::now();
+        let mut s = Schedule::new(params(64, 2), &[0, 0], t0);
+        s.note_error("connect to h:1: Connection refused".into());
+        s.attempt_failed(0, t0);
+        assert!(notices(&mut s).is_empty());
+        let at = s.poll_timeout(t0).unwrap();
+        assert!(at <= t0 + QUIET_START, "{:?}", at - t0);
+        s.handle_timeout(t0 + QUIET_START);
+        let told = notices(&mut s);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert!(told[0].starts_with("waiting for the receiver"), "{told:?}");
     }
 }
