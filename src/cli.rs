@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// The one-line hint printed after a usage error.
 pub const USAGE_HINT: &str =
-    "usage: viamillipede rx [ADDR:]PORT | tx HOST PORT [tx HOST PORT ...] | ssh HOST -- COMMAND [threads N] [verbose N] (see --help)";
+    "usage: viamillipede rx [ADDR:]PORT | tx HOST PORT [tx HOST PORT ...] [threads N] [verbose N] | ssh HOST [OPTIONS] -- COMMAND (see --help)";
 
 /// The forms of the command line, for `--help` and the man page.
 const USAGE: &str = "\

@@ -67,7 +67,8 @@ Exit status: 0 only when every byte was written to COMMAND (push) or here
 COMMAND's status on stderr.
 
 SSH OPTIONS (anywhere before --):
-  --pull              run COMMAND's output here instead of sending here
+  --pull              run COMMAND there and write its output here (without
+                      it: send stdin here to COMMAND there)
   --reverse           the far host connects back to this one (when only it
                       can dial out): this side listens on a free port
   -e, --ssh-command CMD
@@ -241,6 +242,23 @@ fn parse_invocation(args: &[String]) -> Result<Option<Invocation>, Error> {
             "--remote-path" => inv.remote_path = value()?,
             "--via" => inv.via.push(value()?),
             _ if host.is_none() => {
+                let near = [
+                    "--pull",
+                    "--reverse",
+                    "--ssh-command",
+                    "--remote-path",
+                    "--via",
+                    "--no-encrypt",
+                ]
+                .into_iter()
+                .map(|o| (strsim::jaro_winkler(name, o), o))
+                .filter(|(score, _)| *score > 0.85)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+                if let (Some((_, option)), true) = (near, word.starts_with("--")) {
+                    return Err(usage(format!(
+                        "unknown ssh option '{word}': did you mean '{option}'?"
+                    )));
+                }
                 if word.starts_with('-') || cli::is_keyword(word) {
                     return Err(usage(format!(
                         "'{word}' before the host: the transfer's options go after it \
@@ -461,7 +479,7 @@ fn run_near(
                 .map(|h| Destination::new(h, far_side.port))
                 .collect();
             log::info!(
-                "sending to {}",
+                "connecting to {}",
                 destinations
                     .iter()
                     .map(|d| d.to_string())
@@ -816,6 +834,12 @@ fn run_far(
         let over = Arc::clone(&over);
         std::thread::spawn(move || {
             let _ = io::copy(&mut stdin, &mut io::sink());
+            // The near side closes it after a failure it heard from this
+            // side: give this side's own ending a moment to come first.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !over.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             if !over.load(Ordering::SeqCst) {
                 log::error!("the near side went away (its ssh session ended): stopping");
                 signal(pid, rustix::process::Signal::TERM, true);
@@ -846,6 +870,20 @@ fn run_far(
         };
         over.store(true, Ordering::SeqCst);
         if result.is_err() {
+            // COMMAND that stopped reading (or never ran) is the likely
+            // cause: say so with its status, before stopping what is left.
+            let exited = child
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                log::error!(
+                    "`{}` {} before it had read the whole stream",
+                    setup.command,
+                    describe(status)
+                );
+            }
             stop(&child, pid);
         }
         drop(keep);
@@ -1002,5 +1040,6 @@ mod tests {
         assert!(err("h prbs 7 -- cat").contains("prbs"));
         assert!(err("--reverse --via 10.0.0.2 h -- cat").contains("--via"));
         assert!(err("threads 4 h -- cat").contains("after it"));
+        assert!(err("--pul h -- cat").contains("did you mean '--pull'"));
     }
 }

@@ -261,6 +261,7 @@ fn a_failing_far_command_fails_here_with_its_status_and_stderr() {
     );
     let (status, _) = p.output();
     assert_eq!(status.code(), Some(1), "{}", p.stderr());
+    p.expect_stderr("exited with status 5 before it had read the whole stream");
 
     // A far command that fails part way through its output.
     let mut p = run_pull(

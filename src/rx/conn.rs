@@ -209,7 +209,12 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Handsha
             return Handshake::Refused;
         }
         RxStep::Drop(why) => {
-            log::warn!("{peer}: {}", shown(&why));
+            // Once the stream is over, late connections (a reverse-mode
+            // receiver's dialers, a sender going away) are no news.
+            match state.progress() == Progress::Running {
+                true => log::warn!("{peer}: {}", shown(&why)),
+                false => log::debug!("{peer}: {}", shown(&why)),
+            }
             net::abortive_close(stream);
             return Handshake::Refused;
         }

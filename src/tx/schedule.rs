@@ -487,7 +487,8 @@ impl Schedule {
     /// Tells the user about ranks none of whose connections could be made
     /// while others carry the stream.
     fn check_ranks(&mut self) {
-        if self.ranks < 2 || self.connected == 0 || self.finished {
+        // A receiver that dials in chooses its ranks: none is "down".
+        if self.ranks < 2 || self.connected == 0 || self.finished || !self.refusals_end {
             return;
         }
         for rank in 0..self.ranks {
