@@ -580,29 +580,33 @@ fn two_word_destination(words: &[OsString]) -> Result<(), Error> {
     Ok(())
 }
 
-/// The keyword nearest to a word that is not one, if any is near.
-fn nearest_keyword(word: &str) -> Option<&'static str> {
-    const KEYWORDS: [&str; 13] = [
-        "rx",
-        "tx",
-        "threads",
-        "verbose",
-        "checkphrase",
-        "prbs",
-        "leglimit",
-        "delayus",
-        "chaos",
-        "terminate",
-        "initiate",
-        "charmode",
-        "checksums",
-    ];
-    KEYWORDS
-        .into_iter()
-        .map(|k| (strsim::jaro_winkler(word, k), k))
-        .filter(|(score, _)| *score > 0.8)
+/// The original keywords, as the command line, the typo hints and the
+/// completion scripts know them.
+pub const KEYWORDS: [&str; 13] = [
+    "rx",
+    "tx",
+    "threads",
+    "verbose",
+    "checkphrase",
+    "prbs",
+    "leglimit",
+    "delayus",
+    "chaos",
+    "terminate",
+    "initiate",
+    "charmode",
+    "checksums",
+];
+
+/// The candidate nearest to `word` by Jaro-Winkler similarity, if any is
+/// above `threshold`: the hint for a typo.
+pub fn nearest<'a>(word: &str, candidates: &[&'a str], threshold: f64) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|&c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > threshold)
         .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| k)
+        .map(|(_, c)| c)
 }
 
 fn parse_port(s: &str, what: &str) -> Result<u16, Error> {
@@ -860,10 +864,6 @@ pub fn ignored_warning(names: &[&str]) -> Option<String> {
     ))
 }
 
-/// The keywords, offered beside the dashed options.
-const COMPLETED_KEYWORDS: &str =
-    "rx tx ssh threads verbose checkphrase prbs leglimit delayus chaos terminate initiate charmode checksums";
-
 /// A completion script for `shell`: files only where a file is meant, and
 /// the keywords as well as the dashed options.
 fn completions(shell: clap_complete::Shell) -> String {
@@ -880,21 +880,21 @@ fn completions(shell: clap_complete::Shell) -> String {
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut cmd, "viamillipede", &mut script);
     let script = String::from_utf8_lossy(&script).into_owned();
+    // The keywords (and the ssh mode), offered beside the dashed options.
+    let keywords = format!("rx tx ssh {}", KEYWORDS[2..].join(" "));
     match shell {
         clap_complete::Shell::Bash => script
-            .replace("opts=\"-h ", &format!("opts=\"{COMPLETED_KEYWORDS} -h "))
+            .replace("opts=\"-h ", &format!("opts=\"{keywords} -h "))
             .replace(
                 "if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then",
                 "if [[ ${cur} == -* || ${prev} != -* ]] ; then",
             ),
         clap_complete::Shell::Fish => {
-            format!("{script}complete -c viamillipede -f -a '{COMPLETED_KEYWORDS}'\n")
+            format!("{script}complete -c viamillipede -f -a '{keywords}'\n")
         }
         clap_complete::Shell::Zsh => script.replacen(
             "'--version[Print version]' \\\n&& ret=0",
-            &format!(
-                "'--version[Print version]' \\\n'*::keyword:({COMPLETED_KEYWORDS})' \\\n&& ret=0"
-            ),
+            &format!("'--version[Print version]' \\\n'*::keyword:({keywords})' \\\n&& ret=0"),
             1,
         ),
         _ => script,
@@ -942,7 +942,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, Error> 
                     .as_deref()
                     .filter(|w| !w.starts_with('-'))
                     .filter(|_| kind == clap::error::ErrorKind::UnknownArgument)
-                    .and_then(nearest_keyword);
+                    .and_then(|w| nearest(w, &KEYWORDS, 0.8));
                 if let Some(k) = near {
                     message.push_str(&format!(": did you mean '{k}'?"));
                 } else if let Some(tip) = text.lines().find_map(|l| l.trim().strip_prefix("tip: "))

@@ -242,19 +242,16 @@ fn parse_invocation(args: &[String]) -> Result<Option<Invocation>, Error> {
             "--remote-path" => inv.remote_path = value()?,
             "--via" => inv.via.push(value()?),
             _ if host.is_none() => {
-                let near = [
+                const OPTIONS: [&str; 6] = [
                     "--pull",
                     "--reverse",
                     "--ssh-command",
                     "--remote-path",
                     "--via",
                     "--no-encrypt",
-                ]
-                .into_iter()
-                .map(|o| (strsim::jaro_winkler(name, o), o))
-                .filter(|(score, _)| *score > 0.85)
-                .max_by(|a, b| a.0.total_cmp(&b.0));
-                if let (Some((_, option)), true) = (near, word.starts_with("--")) {
+                ];
+                let near = cli::nearest(name, &OPTIONS, 0.85);
+                if let (Some(option), true) = (near, word.starts_with("--")) {
                     return Err(usage(format!(
                         "unknown ssh option '{word}': did you mean '{option}'?"
                     )));

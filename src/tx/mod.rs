@@ -341,7 +341,7 @@ pub fn send(
         Monitor::start(
             move || {
                 // Delivered means written by rx; the rest read is on its way.
-                let delivered = window.snapshot().delivered_bytes;
+                let delivered = window.delivered_bytes();
                 (delivered, read.load(Relaxed).saturating_sub(delivered))
             },
             config.display,

@@ -1260,6 +1260,11 @@ impl Schedule {
         }
     }
 
+    /// Bytes rx has written.
+    pub fn delivered_bytes(&self) -> u64 {
+        self.bytes_delivered
+    }
+
     /// The window, in feet.
     pub fn window(&self) -> u64 {
         u64::from(self.params.window)

@@ -242,9 +242,10 @@ impl Window {
         }
     }
 
-    /// Connections in use per destination.
-    pub fn counts(&self) -> Vec<usize> {
-        self.lock().schedule.counts()
+    /// Bytes rx has written (for the progress display, without the
+    /// allocations of a whole snapshot).
+    pub fn delivered_bytes(&self) -> u64 {
+        self.lock().schedule.delivered_bytes()
     }
 
     /// Names each rank's destination, for what the user is told.
