@@ -290,6 +290,17 @@ pub struct Cli {
     #[arg(long)]
     pub encrypt: bool,
 
+    /// Send the feet's bytes as UDP datagrams (tx), paced at the rate the
+    /// path delivers and with only lost ranges sent again: for long paths
+    /// with random loss, where TCP's congestion control collapses. The TCP
+    /// connections stay for the handshake, acknowledgements and the end of
+    /// the stream; rx needs no option (it opens UDP on its TCP port number
+    /// when asked), but its firewall must let UDP to that port in.
+    /// Keys, --encrypt (AES-GCM per datagram), checksums and compression
+    /// work as over TCP.
+    #[arg(long)]
+    pub udp: bool,
+
     /// Compress each foot with zstd (tx), on the worker threads in parallel;
     /// a foot that does not shrink is sent as it is, and rx decompresses on
     /// its own. LEVEL -7 (fastest) to 19, 3 when left out: --compress or
@@ -799,6 +810,7 @@ impl Cli {
             },
             key,
             encrypt: self.encrypt,
+            udp: self.udp,
             warnings,
             prbs: self.prbs,
             checksums: self.checksums,
@@ -843,6 +855,7 @@ impl Cli {
             ("--inflight", self.inflight != config::DEFAULT_INFLIGHT),
             ("threads", rx && self.threads != config::DEFAULT_THREADS),
             ("--bind", rx && self.bind.is_some()),
+            ("--udp", self.udp),
         ]
         .into_iter()
         .filter(|(_, given)| *given)

@@ -155,6 +155,8 @@ pub struct Config {
     pub key: Option<Key>,
     /// Whether this side asks for encryption (needs a key).
     pub encrypt: bool,
+    /// tx: send the feet's bytes as UDP datagrams (`--udp`).
+    pub udp: bool,
     /// Warnings found while parsing (printed once logging is up).
     pub warnings: Vec<String>,
     /// Options given that mean nothing on this side (see

@@ -46,6 +46,8 @@ const TX_TO_RX: &[u8] = b"viamillipede v2 tx->rx";
 const RX_TO_TX: &[u8] = b"viamillipede v2 rx->tx";
 const TX_TO_RX_MAC: &[u8] = b"viamillipede v2 tx->rx mac";
 const RX_TO_TX_MAC: &[u8] = b"viamillipede v2 rx->tx mac";
+const DATAGRAMS: &[u8] = b"viamillipede v2 datagrams tx->rx";
+const DATAGRAMS_MAC: &[u8] = b"viamillipede v2 datagrams tx->rx mac";
 
 /// A pre-shared secret.
 #[derive(Clone)]
@@ -178,6 +180,24 @@ impl Key {
             .as_ref()
             .try_into()
             .expect("HMAC-SHA256 is 32 bytes")
+    }
+
+    /// The protection of one connection's datagrams (`--udp`, tx to rx),
+    /// from the same nonces as its frames but under a label of its own.
+    pub fn datagrams(&self, tx_nonce: &[u8], rx_nonce: &[u8], encrypt: bool) -> DatagramKey {
+        let salt: Vec<u8> = [tx_nonce, rx_nonce].concat();
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(&self.secret);
+        DatagramKey(if encrypt {
+            let okm = prk
+                .expand(&[DATAGRAMS], &aead::AES_256_GCM)
+                .expect("HKDF output of one AES key length");
+            Protection::Aead(aead::LessSafeKey::new(aead::UnboundKey::from(okm)))
+        } else {
+            let okm = prk
+                .expand(&[DATAGRAMS_MAC], hmac::HMAC_SHA256)
+                .expect("HKDF output of one HMAC key length");
+            Protection::Mac(hmac::Key::from(okm))
+        })
     }
 
     /// The protection of one connection's frames, for the side that is tx
@@ -394,6 +414,63 @@ impl Opener {
     }
 }
 
+/// Protects the datagrams of one connection. Datagrams arrive out of order
+/// and some not at all, so the nonce is the datagram's own counter, carried
+/// in its header (which is the associated data, or under the MAC): a datagram
+/// cannot be altered, forged or moved to another connection. A replayed one
+/// is let through; it can only repeat bytes of the same piece at the same
+/// place, which the receiver already has or needs.
+pub struct DatagramKey(Protection);
+
+impl std::fmt::Debug for DatagramKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatagramKey(..)")
+    }
+}
+
+impl DatagramKey {
+    /// Seals `data` in place (or, without encryption, only signs it) under
+    /// `counter`, with `header` authenticated too; returns the tag.
+    pub fn protect(&self, counter: u64, header: &[u8], data: &mut [u8]) -> [u8; TAG_LEN] {
+        match &self.0 {
+            Protection::Aead(key) => {
+                let tag = key
+                    .seal_in_place_separate_tag(frame_nonce(counter), aead::Aad::from(header), data)
+                    .expect("AES-GCM seals any datagram");
+                tag.as_ref().try_into().expect("16-byte tag")
+            }
+            Protection::Mac(key) => frame_mac(key, counter, header, &[data]),
+        }
+    }
+
+    /// Checks a datagram's `data` against `tag`, decrypting it in place.
+    pub fn check(
+        &self,
+        counter: u64,
+        header: &[u8],
+        data: &mut [u8],
+        tag: &[u8; TAG_LEN],
+    ) -> Result<(), OpenError> {
+        match &self.0 {
+            Protection::Aead(key) => key
+                .open_in_place_separate_tag(
+                    frame_nonce(counter),
+                    aead::Aad::from(header),
+                    aead::Tag::from(*tag),
+                    data,
+                    0..,
+                )
+                .map(drop)
+                .map_err(|_| OpenError),
+            Protection::Mac(key) => {
+                let want = frame_mac(key, counter, header, &[data]);
+                let same = want.iter().zip(tag).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+                same.then_some(()).ok_or(OpenError)
+            }
+        }
+    }
+}
+
 /// A key for tests: 32 bytes that look random, the same for the same seed.
 #[cfg(test)]
 pub(crate) fn test_key(seed: u8) -> Key {
@@ -531,5 +608,29 @@ mod tests {
         assert!(warning.is_none(), "{warning:?}");
         assert!(Key::generate(&new).is_err(), "an existing key was replaced");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_datagram_opens_only_unaltered_under_its_own_connection_and_counter() {
+        for encrypt in [false, true] {
+            let k = key(4).datagrams(&[1; 32], &[2; 32], encrypt);
+            let other = key(4).datagrams(&[1; 32], &[3; 32], encrypt);
+            let header = b"header";
+            let plain = b"some bytes of a piece".to_vec();
+            let mut data = plain.clone();
+            let tag = k.protect(7, header, &mut data);
+            assert_eq!(data != plain, encrypt, "sealed only with encryption");
+            let open = |k: &DatagramKey, counter, header: &[u8], data: &[u8], tag| {
+                let mut d = data.to_vec();
+                k.check(counter, header, &mut d, tag).map(|()| d)
+            };
+            assert_eq!(open(&k, 7, header, &data, &tag), Ok(plain.clone()));
+            assert_eq!(open(&k, 8, header, &data, &tag), Err(OpenError));
+            assert_eq!(open(&k, 7, b"headex", &data, &tag), Err(OpenError));
+            assert_eq!(open(&other, 7, header, &data, &tag), Err(OpenError));
+            let mut flipped = data.clone();
+            flipped[3] ^= 1;
+            assert_eq!(open(&k, 7, header, &flipped, &tag), Err(OpenError));
+        }
     }
 }

@@ -27,6 +27,7 @@ pub mod signals;
 mod sim;
 pub mod stats;
 pub mod tx;
+pub mod udp;
 pub mod wire;
 
 use config::{Config, Mode};

@@ -8,8 +8,8 @@
 //! ```
 //!
 //! `Foot` frames carry data from tx to rx; the other kinds flow back from rx
-//! to tx on the same connection. Only `Foot` and `Abort` frames carry a
-//! payload, and its length is checked against a bound before anyone
+//! to tx on the same connection. Only `Foot`, `Abort`, `Cancel` and
+//! `Datagrams` frames carry a payload, and its length is checked against a bound before anyone
 //! allocates for it.
 
 use super::{be_u32, be_u64, MAX_MESSAGE};
@@ -45,6 +45,9 @@ pub enum Kind {
     /// every so often while a foot is arriving, so a slow connection is
     /// seen to move long before its foot is whole.
     Progress = 7,
+    /// rx -> tx: a report on the datagrams of this connection (`--udp`);
+    /// the payload is a [`super::datagram::Report`].
+    Datagrams = 8,
 }
 
 impl Kind {
@@ -57,6 +60,7 @@ impl Kind {
             5 => Kind::Abort,
             6 => Kind::Cancel,
             7 => Kind::Progress,
+            8 => Kind::Datagrams,
             _ => return None,
         })
     }
@@ -192,6 +196,7 @@ impl Header {
         let max = match kind {
             Kind::Foot => max_foot,
             Kind::Abort | Kind::Cancel => MAX_MESSAGE as u32,
+            Kind::Datagrams => super::datagram::MAX_REPORT as u32,
             Kind::Ack | Kind::Window | Kind::Done | Kind::Progress => 0,
         };
         let max = max.saturating_add(tag);
@@ -297,11 +302,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_valid_header_round_trips(kind in 1u8..=7, end: bool, len in 0u32..=1024, id: u64) {
+        fn any_valid_header_round_trips(kind in 1u8..=8, end: bool, len in 0u32..=1024, id: u64) {
             let kind = Kind::from_u8(kind).unwrap();
             let h = match kind {
                 Kind::Foot => Header::foot(id, len, end),
-                Kind::Abort | Kind::Cancel => Header { kind, flags: 0, len, id },
+                Kind::Abort | Kind::Cancel | Kind::Datagrams => Header { kind, flags: 0, len, id },
                 _ => Header::control(kind, id),
             };
             prop_assert_eq!(Header::decode(&h.encode(), 1024), Ok(h));

@@ -33,8 +33,14 @@ pub const FLAG_AUTH: u16 = 0x0001;
 pub const FLAG_ENCRYPT: u16 = 0x0002;
 /// Hello flag: tx asks for per-foot checksums. Reply flag: feet carry them.
 pub const FLAG_CHECKSUMS: u16 = 0x0004;
+/// Hello flag: tx asks to send feet as UDP datagrams (`--udp`). Reply
+/// flag: rx agrees, and the extension starts with [`UDP_TERMS_LEN`] bytes:
+/// its UDP port (u16) and the connection's datagram token (u64).
+pub const FLAG_UDP: u16 = 0x0008;
+/// Length of the UDP terms in a reply's extension.
+pub const UDP_TERMS_LEN: usize = 10;
 /// Every flag this version knows.
-pub const KNOWN_FLAGS: u16 = FLAG_AUTH | FLAG_ENCRYPT | FLAG_CHECKSUMS;
+pub const KNOWN_FLAGS: u16 = FLAG_AUTH | FLAG_ENCRYPT | FLAG_CHECKSUMS | FLAG_UDP;
 
 /// Length of a [`Hello`] without its extension.
 pub const HELLO_FIXED_LEN: usize = 44;

@@ -5,6 +5,7 @@
 //! tested in memory and fuzzed. Blocking socket I/O lives in [`crate::wire`].
 //! All integers are big-endian; sizes are fixed on every architecture.
 
+pub mod datagram;
 pub mod frame;
 pub mod handshake;
 pub mod negotiate;

@@ -29,7 +29,8 @@
 //! every refusal is unproven.
 
 use super::handshake::{
-    Hello, Reason, Reply, Status, FLAG_AUTH, FLAG_CHECKSUMS, FLAG_ENCRYPT, KNOWN_FLAGS, VERSION,
+    Hello, Reason, Reply, Status, FLAG_AUTH, FLAG_CHECKSUMS, FLAG_ENCRYPT, FLAG_UDP, KNOWN_FLAGS,
+    UDP_TERMS_LEN, VERSION,
 };
 use super::HandshakeError;
 use crate::crypto::{proofs_match, Key, NONCE_LEN, PROOF_LEN};
@@ -49,6 +50,33 @@ pub struct Terms {
     pub encrypt: bool,
     /// Asks for per-foot checksums.
     pub checksums: bool,
+    /// tx: asks to send feet as datagrams (rx offers it to whoever asks).
+    pub udp: bool,
+}
+
+/// Where and how a connection's feet go as datagrams (`--udp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UdpTerms {
+    /// rx's UDP port (on the address the TCP connection reached).
+    pub port: u16,
+    /// The token every datagram of this connection carries.
+    pub token: u64,
+}
+
+impl UdpTerms {
+    fn encode(&self) -> [u8; UDP_TERMS_LEN] {
+        let mut b = [0u8; UDP_TERMS_LEN];
+        b[..2].copy_from_slice(&self.port.to_be_bytes());
+        b[2..].copy_from_slice(&self.token.to_be_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> UdpTerms {
+        UdpTerms {
+            port: u16::from_be_bytes([b[0], b[1]]),
+            token: u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")),
+        }
+    }
 }
 
 /// What tx offers on one connection.
@@ -90,6 +118,8 @@ pub struct Agreed {
     pub encrypt: bool,
     /// Feet carry checksums.
     pub checksums: bool,
+    /// Feet go as datagrams, on these terms.
+    pub udp: Option<UdpTerms>,
 }
 
 /// Why a handshake did not agree.
@@ -170,6 +200,9 @@ impl TxNegotiation {
         if t.checksums {
             flags |= FLAG_CHECKSUMS;
         }
+        if t.udp {
+            flags |= FLAG_UDP;
+        }
         let hello = Hello {
             flags,
             checkphrase: t.checkphrase,
@@ -212,7 +245,9 @@ impl TxNegotiation {
                 // Nothing in the verdict counts until its MAC does.
                 let body = &bytes[..bytes.len().saturating_sub(PROOF_LEN)];
                 let mac = key.mac(RX_VERDICT, &[&self.hello, &challenge, &proof, body]);
-                if reply.extension.len() != PROOF_LEN || !proofs_match(&mac, &reply.extension) {
+                let ext = &reply.extension;
+                let tail = &ext[ext.len().saturating_sub(PROOF_LEN)..];
+                if ext.len() < PROOF_LEN || !proofs_match(&mac, tail) {
                     return TxStep::Refused(Refusal::unproven(
                         Reason::Auth,
                         "the receiver's answer failed authentication (altered on the way, or not from the receiver that proved the key)",
@@ -303,8 +338,33 @@ impl TxNegotiation {
                 }
             }
         }
-        if reply.flags & !(FLAG_ENCRYPT | FLAG_CHECKSUMS) != 0 {
+        if reply.flags & !(FLAG_ENCRYPT | FLAG_CHECKSUMS | FLAG_UDP) != 0 {
             return refuse(Reason::Other, "the receiver accepted with unknown flags");
+        }
+        let mac_len = if proven { PROOF_LEN } else { 0 };
+        let udp = match reply.flags & FLAG_UDP != 0 {
+            true if reply.extension.len() == UDP_TERMS_LEN + mac_len => {
+                Some(UdpTerms::decode(&reply.extension))
+            }
+            true => return refuse(Reason::Other, "malformed UDP terms"),
+            false if reply.extension.len() != mac_len => {
+                return refuse(Reason::Other, "unexpected data in the receiver's answer")
+            }
+            false => None,
+        };
+        if udp.is_some() && !self.terms.udp {
+            return refuse(Reason::Other, "the receiver offered UDP, which was not asked for");
+        }
+        if self.terms.udp && udp.is_none() {
+            let why = match reply.message.is_empty() {
+                true => String::new(),
+                false => format!(": {}", reply.message),
+            };
+            return TxStep::Refused(Refusal {
+                reason: Reason::Other,
+                message: format!("the receiver did not agree to send feet over UDP{why}"),
+                proven,
+            });
         }
         let encrypt = reply.flags & FLAG_ENCRYPT != 0;
         let checksums = reply.flags & FLAG_CHECKSUMS != 0;
@@ -323,6 +383,7 @@ impl TxNegotiation {
             nonces,
             encrypt,
             checksums,
+            udp,
         })
     }
 }
@@ -335,6 +396,9 @@ pub enum Verdict {
     Accept {
         /// Feet written so far.
         delivered: u64,
+        /// When the sender asked for UDP: rx's port and the token, or None
+        /// when rx cannot offer it (the reply then says so).
+        udp: Option<UdpTerms>,
     },
     /// Every byte (this many) is written already.
     Complete(u64),
@@ -512,14 +576,28 @@ impl RxNegotiation {
         let keyed = transcript.is_some();
         let encrypt = keyed && (hello.flags & FLAG_ENCRYPT != 0 || self.terms.encrypt);
         let checksums = hello.flags & FLAG_CHECKSUMS != 0 || self.terms.checksums;
+        let mut udp = None;
         let mut reply = match &verdict {
-            Verdict::Accept { delivered } => {
+            Verdict::Accept {
+                delivered,
+                udp: offered,
+            } => {
                 let mut r = Reply::accept(*delivered);
                 if encrypt {
                     r.flags |= FLAG_ENCRYPT;
                 }
                 if checksums {
                     r.flags |= FLAG_CHECKSUMS;
+                }
+                if hello.flags & FLAG_UDP != 0 {
+                    match offered {
+                        Some(terms) => {
+                            r.flags |= FLAG_UDP;
+                            r.extension = terms.encode().to_vec();
+                            udp = Some(*terms);
+                        }
+                        None => r.message = "this receiver could not open a UDP port".into(),
+                    }
                 }
                 r
             }
@@ -536,7 +614,7 @@ impl RxNegotiation {
         let mut nonces = None;
         if let Some((hello_bytes, challenge, proof)) = &transcript {
             let key = self.terms.key.as_ref().expect("a transcript needs a key");
-            reply.extension = vec![0; PROOF_LEN];
+            reply.extension.extend_from_slice(&[0; PROOF_LEN]);
             reply.encode(&mut b);
             let signed = b.len() - PROOF_LEN;
             let mac = key.mac(RX_VERDICT, &[hello_bytes, challenge, proof, &b[..signed]]);
@@ -556,6 +634,7 @@ impl RxNegotiation {
             nonces,
             encrypt,
             checksums,
+            udp,
         });
         (b, agreed)
     }
@@ -661,7 +740,15 @@ mod tests {
             return Err(Reason::Auth);
         }
         Ok(match verdict {
-            Verdict::Accept { delivered } => (
+            Verdict::Accept { udp: None, .. } if tx.udp => (
+                TxStep::Refused(Refusal {
+                    reason: Reason::Other,
+                    message: "the receiver did not agree to send feet over UDP: this receiver could not open a UDP port".into(),
+                    proven: keyed,
+                }),
+                true,
+            ),
+            Verdict::Accept { delivered, udp } => (
                 TxStep::Accepted(Agreed {
                     delivered: *delivered,
                     receiver: RECEIVER,
@@ -671,6 +758,7 @@ mod tests {
                     }),
                     encrypt: keyed && (tx.encrypt || rx.encrypt),
                     checksums: tx.checksums || rx.checksums,
+                    udp: udp.filter(|_| tx.udp),
                 }),
                 true,
             ),
@@ -702,23 +790,37 @@ mod tests {
         ];
         let mut out = Vec::new();
         for (tk, rk) in keys {
-            for bits in 0..32u8 {
+            for bits in 0..64u8 {
                 let b = |i: u8| bits & (1 << i) != 0;
-                let terms = |key: &Option<Key>, enc, sums, cp: bool| Terms {
+                let terms = |key: &Option<Key>, enc, sums, cp: bool, udp| Terms {
                     checkphrase: if cp { *b"abcd" } else { *b"wxyz" },
                     key: key.clone(),
                     encrypt: enc && key.is_some(),
                     checksums: sums,
+                    udp,
                 };
-                out.push((terms(&tk, b(0), b(1), true), terms(&rk, b(2), b(3), !b(4))));
+                out.push((
+                    terms(&tk, b(0), b(1), true, b(5)),
+                    terms(&rk, b(2), b(3), !b(4), false),
+                ));
             }
         }
         out
     }
 
-    fn verdicts() -> [Verdict; 3] {
+    fn verdicts() -> [Verdict; 4] {
         [
-            Verdict::Accept { delivered: 12 },
+            Verdict::Accept {
+                delivered: 12,
+                udp: None,
+            },
+            Verdict::Accept {
+                delivered: 12,
+                udp: Some(UdpTerms {
+                    port: 8834,
+                    token: 0xfeed,
+                }),
+            },
             Verdict::Reject(
                 Reason::Busy,
                 "busy: another stream is in progress on this receiver".into(),
@@ -754,7 +856,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(cases, 5 * 32 * 3);
+        assert_eq!(cases, 5 * 64 * 4);
     }
 
     #[test]
@@ -764,6 +866,7 @@ mod tests {
             key: None,
             encrypt: false,
             checksums: false,
+            udp: false,
         };
         let ends = pair(&t, &t, &verdicts()[0], (1, 2), &mut |i, m| {
             if i == 0 {
@@ -858,6 +961,7 @@ mod tests {
             key: None,
             encrypt: false,
             checksums: true,
+            udp: false,
         };
         for verdict in verdicts() {
             for msg in 0..2 {
@@ -887,6 +991,7 @@ mod tests {
             key: Some(key(3)),
             encrypt: false,
             checksums: false,
+            udp: false,
         };
         let mut challenge = Vec::new();
         let ends = pair(&k, &k, &verdicts()[0], (1, 2), &mut |i, m| {

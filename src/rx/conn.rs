@@ -6,7 +6,10 @@
 
 use super::state::{Admission, Progress, Session, State};
 use super::{Arrived, Event};
-use crate::crypto::{self, Opener, Sealer, PROOF_LEN};
+use super::udp;
+use crate::crypto::{self, DatagramKey, Opener, Sealer, PROOF_LEN};
+use crate::protocol::handshake::FLAG_UDP;
+use crate::protocol::negotiate::UdpTerms;
 use crate::error::{shown, Error};
 use crate::protocol::negotiate::{RxNegotiation, RxStep, Terms, Verdict};
 use crate::protocol::{HandshakeError, Kind, HEADER_LEN};
@@ -26,7 +29,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one accepted connection to the end.
 pub fn handle(
-    state: &State,
+    state: &Arc<State>,
     mut stream: TcpStream,
     peer: SocketAddr,
     feet: &Sender<Arrived>,
@@ -40,6 +43,7 @@ pub fn handle(
         session,
         channel,
         checksums,
+        udp,
     } = match outcome {
         Handshake::Serve(s) => *s,
         Handshake::ToldComplete => {
@@ -78,6 +82,24 @@ pub fn handle(
     conn.link.set_state(LinkState::Receiving);
     let _ = events.send(Event::Opened);
     log::info!("{peer}: connected");
+    let udp = match udp {
+        Some((terms, key)) => match (state.udp_open(), stream.try_clone()) {
+            (Some(socket), Ok(closer)) => {
+                let flow = udp::Flow::new(
+                    Arc::clone(&conn),
+                    session,
+                    key,
+                    checksums,
+                    closer,
+                    feet.clone(),
+                );
+                socket.join(terms.token, flow);
+                Some((socket, terms.token))
+            }
+            _ => None,
+        },
+        None => None,
+    };
 
     let metered = Metered {
         stream: &stream,
@@ -86,6 +108,9 @@ pub fn handle(
     };
     let reader = FrameReader::new(metered, opener, session.foot_size).with_checksums(checksums);
     let result = receive(state, reader, session, &conn, feet);
+    if let Some((socket, token)) = udp {
+        socket.leave(state, token);
+    }
     conn.outbox.close();
     match &result {
         Ok(Some(reason)) => {
@@ -132,13 +157,15 @@ struct Accepted {
     channel: Option<(Sealer, Opener)>,
     /// Whether feet carry checksums.
     checksums: bool,
+    /// Its datagrams' terms and (with a key) their key.
+    udp: Option<(UdpTerms, Option<DatagramKey>)>,
 }
 
 /// Runs rx's end of the handshake ([`RxNegotiation`]) on a new connection,
 /// within one deadline however slowly its bytes drip: reads what the sender
 /// sends, writes what the negotiation answers, and lets the session decide
 /// whether the sender may join.
-fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Handshake {
+fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Handshake {
     let limit = state.config.handshake_timeout;
     if stream.set_write_timeout(Some(limit)).is_err() {
         return Handshake::Refused;
@@ -167,6 +194,7 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Handsha
         key: state.config.key.clone(),
         encrypt: state.config.encrypt,
         checksums: state.config.checksums,
+        udp: false,
     };
     let mut negotiation = RxNegotiation::new(terms, state.receiver, nonce);
     let mut input = net::Deadline {
@@ -221,7 +249,19 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Handsha
         RxStep::Challenge(_) => unreachable!("one challenge per handshake"),
     };
     let (verdict, session) = match state.admit(&hello) {
-        Admission::Accept(session, delivered) => (Verdict::Accept { delivered }, Some(session)),
+        Admission::Accept(session, delivered) => {
+            let udp = (hello.flags & FLAG_UDP != 0)
+                .then(|| {
+                    let local = stream.local_addr().ok()?;
+                    let socket = state.udp(local, local.port()).ok()?;
+                    Some(UdpTerms {
+                        port: socket.port,
+                        token: socket.token(),
+                    })
+                })
+                .flatten();
+            (Verdict::Accept { delivered, udp }, Some(session))
+        }
         Admission::Complete(bytes) => (Verdict::Complete(bytes), None),
         Admission::Reject(reason, message) => {
             log::warn!("{peer}: refused: {message}");
@@ -246,11 +286,19 @@ fn handshake(state: &State, stream: &mut TcpStream, peer: SocketAddr) -> Handsha
         (Some(key), Some(n)) => Some(key.channel(&n.tx, &n.rx, false, agreed.encrypt)),
         _ => None,
     };
+    let udp = agreed.udp.map(|terms| {
+        let key = match (&state.config.key, agreed.nonces) {
+            (Some(key), Some(n)) => Some(key.datagrams(&n.tx, &n.rx, agreed.encrypt)),
+            _ => None,
+        };
+        (terms, key)
+    });
     match ok {
         true => Handshake::Serve(Box::new(Accepted {
             session,
             channel,
             checksums: agreed.checksums,
+            udp,
         })),
         false => Handshake::Refused,
     }
@@ -347,54 +395,104 @@ fn receive(
         reader.payload(&h, &mut data)?;
         conn.link
             .count_wire(reader.wire_bytes() - before + HEADER_LEN as u64);
-        if h.is_compressed() {
-            // Never more than a foot: a foot that would inflate beyond it is
-            // refused, so compression cannot raise the memory bound.
-            let d = match &mut decompressor {
-                Some(d) => d,
-                None => decompressor.insert(Decompressor::new()?),
-            };
-            let mut plain = pool.take();
-            plain
-                .fill_with(session.foot_size as usize, |out| {
-                    d.decompress_to_buffer(&data[..], out)
-                })
-                .map_err(|e| {
-                    violation(format!(
-                        "foot {} does not decompress within a foot: {e}",
-                        h.id
-                    ))
-                })?;
-            let grown = (plain.len() as u64).saturating_sub(u64::from(h.len));
-            if !state.reserve(session, grown) {
-                return Err(violation(format!(
-                    "foot {} inflates beyond the window",
-                    h.id
-                )));
-            }
-            data = plain.compact();
-        }
-        let len = data.len();
-        state.arrived.fetch_add(1, Ordering::Relaxed);
-        // From here the sequencer releases what the foot holds.
+        // From here `hand_over` accounts for what the foot holds.
         reserved.bytes = 0;
-        if feet
-            .send(Arrived {
+        if !hand_over(
+            state,
+            session,
+            conn,
+            feet,
+            Piece {
                 id: h.id,
                 data,
+                compressed: h.is_compressed(),
                 end: h.is_end(),
-                by: Arc::clone(conn),
-            })
-            .is_err()
-        {
-            // The sequencer has finished; nothing more is needed.
+            },
+            &mut decompressor,
+        )? {
             return Ok(None);
         }
-        if !conn.outbox.ack(h.id, Instant::now()) {
-            return Err(violation(
-                "the sender does not read its acknowledgements".into(),
-            ));
-        }
-        conn.link.count_foot(len);
     }
+}
+
+/// A foot as it arrived, its bytes counted as buffered.
+pub struct Piece {
+    /// Its id.
+    pub id: u64,
+    /// Its bytes, compressed or not.
+    pub data: crate::pool::Buffer,
+    /// Whether they are compressed.
+    pub compressed: bool,
+    /// Whether it ends the stream.
+    pub end: bool,
+}
+
+/// Decompresses a foot that arrived whole (by TCP or by datagrams), hands
+/// it to the sequencer and acknowledges it on `conn`. False once the
+/// sequencer has finished (nothing more is needed); an error breaks the
+/// rules (the connection is dropped, and the foot comes again).
+pub fn hand_over(
+    state: &State,
+    session: Session,
+    conn: &Arc<super::state::Conn>,
+    feet: &Sender<Arrived>,
+    piece: Piece,
+    decompressor: &mut Option<Decompressor<'static>>,
+) -> io::Result<bool> {
+    let Piece {
+        id,
+        mut data,
+        compressed,
+        end,
+    } = piece;
+    let mut reserved = Reserved {
+        state,
+        bytes: data.len() as u64,
+    };
+    if compressed {
+        // Never more than a foot: a foot that would inflate beyond it is
+        // refused, so compression cannot raise the memory bound.
+        let d = match decompressor {
+            Some(d) => d,
+            None => decompressor.insert(Decompressor::new()?),
+        };
+        let pool = state.pool(session);
+        let mut plain = pool.take();
+        plain
+            .fill_with(session.foot_size as usize, |out| {
+                d.decompress_to_buffer(&data[..], out)
+            })
+            .map_err(|e| violation(format!("foot {id} does not decompress within a foot: {e}")))?;
+        let grown = (plain.len() as u64).saturating_sub(data.len() as u64);
+        if !state.reserve(session, grown) {
+            return Err(violation(format!("foot {id} inflates beyond the window")));
+        }
+        reserved.bytes += grown;
+        let shrunk = (data.len() as u64).saturating_sub(plain.len() as u64);
+        state.release(shrunk);
+        reserved.bytes -= shrunk;
+        data = plain.compact();
+    }
+    let len = data.len();
+    state.arrived.fetch_add(1, Ordering::Relaxed);
+    // From here the sequencer releases what the foot holds.
+    reserved.bytes = 0;
+    if feet
+        .send(Arrived {
+            id,
+            data,
+            end,
+            by: Arc::clone(conn),
+        })
+        .is_err()
+    {
+        return Ok(false);
+    }
+    if !conn.outbox.ack(id, Instant::now()) {
+        return Err(violation(
+            "the sender does not read its acknowledgements".into(),
+        ));
+    }
+    conn.link.count_foot(len);
+    Ok(true)
 }

@@ -9,6 +9,7 @@ mod conn;
 mod outbox;
 mod sequencer;
 mod state;
+mod udp;
 
 use crate::config::{Config, Destination};
 use crate::error::{Error, Result};

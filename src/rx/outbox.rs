@@ -10,6 +10,7 @@
 //! never stdout or the other connections, and a frame is never left half
 //! written on a connection that goes on.
 
+use crate::protocol::datagram::Report;
 use crate::protocol::{Header, Kind, MAX_WINDOW};
 use crate::wire::FrameWriter;
 use std::net::{Shutdown, TcpStream};
@@ -36,9 +37,15 @@ pub enum End {
     Abort(String),
 }
 
+/// Reports one connection may have waiting (`--udp`); beyond it, the
+/// oldest that tells of no loss goes.
+const MAX_REPORTS: usize = 1024;
+
 #[derive(Debug, Default)]
 struct Posted {
     acks: Vec<u64>,
+    /// Datagram reports, oldest first.
+    reports: Vec<Report>,
     progress: Option<u64>,
     window: Option<u64>,
     end: Option<End>,
@@ -51,6 +58,7 @@ struct Posted {
 impl Posted {
     fn is_empty(&self) -> bool {
         self.acks.is_empty()
+            && self.reports.is_empty()
             && self.progress.is_none()
             && self.window.is_none()
             && self.end.is_none()
@@ -88,6 +96,23 @@ impl Outbox {
         p.told = Some(now);
         self.ready.notify_one();
         true
+    }
+
+    /// A report on this connection's datagrams. One that tells of no loss
+    /// replaces the one before it if that told of none either: only the
+    /// newest counters matter then.
+    pub fn datagrams(&self, report: Report) {
+        self.post(|p| {
+            if report.lost.is_empty() && p.reports.last().is_some_and(|r| r.lost.is_empty()) {
+                p.reports.pop();
+            }
+            if p.reports.len() >= MAX_REPORTS {
+                if let Some(i) = p.reports.iter().position(|r| r.lost.is_empty()) {
+                    p.reports.remove(i);
+                }
+            }
+            p.reports.push(report);
+        });
     }
 
     /// `bytes` in all have arrived on this connection: told to the sender if
@@ -133,6 +158,7 @@ impl Outbox {
                 }
                 Posted {
                     acks: std::mem::take(&mut p.acks),
+                    reports: std::mem::take(&mut p.reports),
                     progress: p.progress.take(),
                     window: p.window.take(),
                     end: p.end.take(),
@@ -150,6 +176,16 @@ impl Outbox {
 }
 
 fn send(w: &mut FrameWriter<TcpStream>, batch: Posted) -> std::io::Result<()> {
+    for r in batch.reports {
+        let payload = r.encode();
+        let header = Header {
+            kind: Kind::Datagrams,
+            flags: 0,
+            len: payload.len() as u32,
+            id: 0,
+        };
+        w.send(&header, &payload)?;
+    }
     for id in batch.acks {
         w.send(&Header::control(Kind::Ack, id), b"")?;
     }

@@ -82,6 +82,9 @@ pub struct State {
     output_open: Mutex<bool>,
     /// When the sender was first seen to know the stream is complete.
     confirmed: Mutex<Option<Instant>>,
+    /// The UDP socket, once a sender asked for it (`--udp`), or why it
+    /// could not be opened.
+    udp: OnceLock<Result<Arc<super::udp::UdpRx>, String>>,
 }
 
 /// The verdict on a handshake.
@@ -133,7 +136,31 @@ impl State {
             closed: Mutex::new(Vec::new()),
             output_open: Mutex::new(true),
             confirmed: Mutex::new(None),
+            udp: OnceLock::new(),
         }
+    }
+
+    /// The UDP socket on `port` (the TCP port, for a connection that
+    /// reached `local`), opened the first time a sender asks.
+    pub fn udp(
+        self: &Arc<Self>,
+        local: std::net::SocketAddr,
+        port: u16,
+    ) -> Result<Arc<super::udp::UdpRx>, String> {
+        self.udp
+            .get_or_init(|| {
+                super::udp::UdpRx::open(self, local, port).map_err(|e| {
+                    let why = format!("cannot open UDP port {port}: {e}");
+                    log::warn!("{why}");
+                    why
+                })
+            })
+            .clone()
+    }
+
+    /// The UDP socket, if it is open.
+    pub fn udp_open(&self) -> Option<Arc<super::udp::UdpRx>> {
+        self.udp.get().and_then(|u| u.as_ref().ok()).cloned()
     }
 
     fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -8,6 +8,7 @@
 pub mod count;
 pub mod schedule;
 pub mod window;
+mod udp;
 mod worker;
 
 use crate::config::{Config, Destination, Pacing};
@@ -120,6 +121,7 @@ struct Crew {
     session: [u8; 16],
     stop: crossbeam_channel::Receiver<()>,
     exited: crossbeam_channel::Sender<()>,
+    paths: Arc<udp::Paths>,
 }
 
 /// How a worker gets its connections.
@@ -143,6 +145,7 @@ fn spawn_worker(crew: &Arc<Crew>, w: usize, source: Source) -> Result<()> {
                 window: &crew.window,
                 session: crew.session,
                 stop: crew.stop.clone(),
+                paths: &crew.paths,
             };
             match &source {
                 Source::Dial(dest) => worker::run(&shared, w, dest, &crew.links[w]),
@@ -309,6 +312,10 @@ pub fn send(
         .map_err(|e| Error::io("choose a session id", std::io::Error::other(e)))?;
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
     let (exit_tx, exit_rx) = crossbeam_channel::unbounded::<()>();
+    let paths = Arc::new(udp::Paths::new(
+        config.pacing.rate.map(|r| r as f64),
+        config.key.is_some(),
+    ));
     let crew = Arc::new(Crew {
         config: config.clone(),
         window: Arc::clone(&window),
@@ -316,6 +323,7 @@ pub fn send(
         session,
         stop: stop_rx,
         exited: exit_tx,
+        paths: Arc::clone(&paths),
     });
     let mut wake_acceptor = None;
     match connections {
@@ -351,6 +359,14 @@ pub fn send(
     };
     let outcome = window.outcome();
     window.finish(Err(Error::Internal("stopped".into())));
+    paths.stop();
+    let (datagrams, again) = paths.counts();
+    if datagrams > 0 {
+        log::info!(
+            "udp: {datagrams} datagrams, {again} of them sent again ({:.2}%)",
+            100.0 * again as f64 / datagrams as f64
+        );
+    }
     drop(stop_tx);
     if let Some(addr) = wake_acceptor {
         // The acceptor sees the run is over on its next connection.

@@ -8,7 +8,9 @@
 use super::window::{Closer, Next, Window};
 use super::DialedIn;
 use crate::config::{Config, Destination};
-use crate::crypto::{self, Opener, Sealer};
+use super::udp::Gone;
+use crate::crypto::{self, DatagramKey, Opener, Sealer};
+use crate::pool::Shared as Bytes;
 use crate::error::{shown, Error};
 use crate::protocol::handshake::HandshakeError;
 use crate::protocol::negotiate::{Offer, Terms, TxNegotiation, TxStep};
@@ -18,7 +20,7 @@ use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
 use crossbeam_channel::Receiver;
 use std::io::Write;
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 use zstd::bulk::Compressor;
@@ -41,6 +43,8 @@ pub struct Shared<'a> {
     pub session: [u8; 16],
     /// Closed (dropped) when the run is over: wakes workers in backoff.
     pub stop: Receiver<()>,
+    /// The datagram paths (`--udp`).
+    pub paths: &'a super::udp::Paths,
 }
 
 enum OpenError {
@@ -163,6 +167,8 @@ struct Opened {
     channel: Option<(Sealer, Opener)>,
     /// Whether feet carry checksums.
     checksums: bool,
+    /// Where its datagrams go, their token and (with a key) their key.
+    udp: Option<(SocketAddr, u64, Option<DatagramKey>)>,
 }
 
 /// Connects to `dest`.
@@ -202,6 +208,7 @@ fn handshake(
             key: c.key.clone(),
             encrypt: c.encrypt,
             checksums: c.checksums,
+            udp: c.udp,
         },
         session: shared.session,
         foot_size: c.foot_size,
@@ -274,10 +281,24 @@ fn handshake(
         (Some(key), Some(n)) => Some(key.channel(&n.tx, &n.rx, true, agreed.encrypt)),
         _ => None,
     };
+    let udp = match agreed.udp {
+        Some(terms) => {
+            let peer = stream
+                .peer_addr()
+                .map_err(|e| retry("address of", &e))?;
+            let key = match (&c.key, agreed.nonces) {
+                (Some(key), Some(n)) => Some(key.datagrams(&n.tx, &n.rx, agreed.encrypt)),
+                _ => None,
+            };
+            Some((SocketAddr::new(peer.ip(), terms.port), terms.token, key))
+        }
+        None => None,
+    };
     Ok(Opened {
         stream,
         channel,
         checksums: agreed.checksums,
+        udp,
     })
 }
 
@@ -306,7 +327,21 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
         stream,
         channel,
         checksums,
+        udp,
     } = opened;
+    let flow = match udp {
+        Some((addr, token, key)) => match shared.paths.join(w, addr, token, key) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                shared
+                    .window
+                    .finish(Err(Error::io(format!("open a UDP socket to {addr}"), e)));
+                return;
+            }
+        },
+        None => None,
+    };
+    let flow = flow.as_ref();
     let window = shared.window;
     let clone = || stream.try_clone();
     let (reader, closer) = match clone().and_then(|r| Ok((r, clone()?))) {
@@ -344,7 +379,7 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
     std::thread::scope(|scope| {
         let acks = std::thread::Builder::new()
             .name(format!("tx-acks-{w}"))
-            .spawn_scoped(scope, || read_acks(window, w, reader));
+            .spawn_scoped(scope, || read_acks(window, w, reader, flow));
         if let Err(e) = acks {
             window.note_error(format!("spawn thread: {e}"));
             window.disconnected(w);
@@ -372,6 +407,27 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
                 Some(c) => squeeze(c, &foot.data, &mut squeezed, header),
                 None => (header, &foot.data[..]),
             };
+            if let Some(flow) = flow {
+                // The bytes go as datagrams; the connection carries only
+                // what rx says back.
+                let mut bytes = payload.to_vec();
+                if checksums {
+                    bytes.extend_from_slice(&crate::wire::checksum(payload));
+                }
+                let wire = bytes.len();
+                match flow.send(foot.id, Bytes::from(bytes), header.flags) {
+                    Ok(()) => {}
+                    Err(Gone::Failed(why)) => {
+                        window.finish(Err(Error::Peer(why)));
+                        break;
+                    }
+                    Err(Gone::Closed) => break,
+                }
+                link.count_wire(wire as u64);
+                link.count_foot(foot.data.len());
+                link.set_state(LinkState::Idle);
+                continue;
+            }
             let before = writer.wire_bytes();
             if let Err(e) = writer.send(&header, payload) {
                 log::info!("worker {w}: send foot {}: {e}", foot.id);
@@ -427,7 +483,12 @@ fn squeeze<'a>(
 
 /// Reads what rx sends back on one connection into the window, until rx
 /// closes it (after the end of the stream, too).
-fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
+fn read_acks(
+    window: &Window,
+    w: usize,
+    mut reader: FrameReader<TcpStream>,
+    flow: Option<&super::udp::Flow>,
+) {
     let result = (|| -> std::io::Result<()> {
         loop {
             let h = reader.header()?;
@@ -435,7 +496,17 @@ fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
             // foot from rx is bounded to zero bytes, so reading it is cheap.
             let payload = reader.small_payload(&h)?;
             match h.kind {
-                Kind::Ack => window.ack(w, h.id),
+                Kind::Ack => {
+                    if let Some(f) = flow {
+                        f.acked(h.id);
+                    }
+                    window.ack(w, h.id)
+                }
+                Kind::Datagrams if flow.is_some() => {
+                    if let Err(e) = flow.map_or(Ok(()), |f| f.report(&payload)) {
+                        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+                    }
+                }
                 Kind::Progress => window.progress(w, h.id),
                 Kind::Window => {
                     if !window.advance(h.id) {
@@ -453,7 +524,7 @@ fn read_acks(window: &Window, w: usize, mut reader: FrameReader<TcpStream>) {
                     let msg = shown(&String::from_utf8_lossy(&payload));
                     window.finish(Err(Error::Peer(msg)));
                 }
-                Kind::Foot | Kind::Cancel => {
+                Kind::Foot | Kind::Cancel | Kind::Datagrams => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!("receiver sent a {:?} frame", h.kind),

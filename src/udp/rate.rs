@@ -1,0 +1,317 @@
+//! How fast one path's datagrams are paced, and how many bytes may be in
+//! flight on it: a model of the path from what it delivers, not from what
+//! it loses (the shape of BBR). Random loss on a long path reads as
+//! congestion to a loss-based controller and collapses it; here the rate
+//! follows the *delivery rate* (the most the path delivered over the last
+//! few round trips) and the window the measured round trip, so a loss costs
+//! only the bytes sent again.
+//!
+//! - **Startup**: the rate is 2.885 x the delivery rate, so it doubles
+//!   every round trip, until three round trips in a row bring less than a
+//!   quarter more (the path is full), or a round trip loses more than
+//!   [`LOSS_LIMIT`] of what it sent (a policer, or a queue overflowing).
+//! - **Drain**: below the delivery rate until what is in flight fits the
+//!   path (its delivery rate times its shortest round trip).
+//! - **Cruise**: a cycle of eight round trips at 1.25, 0.75, then 1 x the
+//!   delivery rate: the first probes for more, the second drains what the
+//!   probe queued. A round trip losing more than [`LOSS_LIMIT`] takes the
+//!   estimate down to what was just delivered.
+//!
+//! The window (bytes in flight) is twice the path's delivery rate times its
+//! shortest round trip plus the receiver's report interval: a path that
+//! goes dark stops taking datagrams after one window. `--rate` caps the
+//! pacing rate. Nothing here does I/O: every call takes `now`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Bytes that may be in flight before anything is known of the path.
+pub const INITIAL_WINDOW: u64 = 32 * 1500;
+/// Startup's gain on the rate and the window: 2/ln 2, the smallest that
+/// doubles what is delivered each round trip.
+const STARTUP_GAIN: f64 = 2.885;
+/// The window, in path delays (delivery rate x round trip).
+const WINDOW_GAIN: f64 = 2.0;
+/// The cruise cycle's gains, one round trip each.
+const CYCLE: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+/// A round trip that loses more than this share of its bytes says the path
+/// is over-full (random loss on a long path is far below it).
+pub const LOSS_LIMIT: f64 = 0.15;
+/// A lossy round takes the estimate down by at most this factor.
+const LOSS_BETA: f64 = 0.7;
+/// The slowest pace, bytes per second: a few datagrams a second more than
+/// nothing, so a path that was thought dead is tried again.
+pub const MIN_RATE: f64 = 16.0 * 1024.0;
+/// The delivery rate is the best of this many round trips.
+const BW_ROUNDS: u32 = 10;
+/// The shortest round trip is the shortest seen in this long.
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// The shortest a round is counted as: two report intervals, since a
+/// shorter round trip cannot be told apart from the reports' own pace.
+const MIN_ROUND: Duration = Duration::from_millis(10);
+/// The receiver reports at most this often; the window covers it.
+pub const REPORT_EVERY: Duration = Duration::from_millis(5);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Startup,
+    Drain,
+    Cruise,
+}
+
+/// One path's rate and window.
+#[derive(Debug)]
+pub struct Rate {
+    mode: Mode,
+    /// Delivery-rate samples (when, bytes/s), best first among the newer.
+    bw: VecDeque<(Instant, f64)>,
+    min_rtt: Option<(Duration, Instant)>,
+    srtt: Option<Duration>,
+    cap: Option<f64>,
+    /// Startup: the best rate when it last grew by a quarter, and how many
+    /// rounds since.
+    full_bw: f64,
+    full_rounds: u32,
+    round_start: Instant,
+    round_lost: u64,
+    round_delivered: u64,
+    phase: usize,
+    phase_start: Instant,
+}
+
+impl Rate {
+    /// A path of which nothing is known yet; `cap` in bytes per second.
+    pub fn new(cap: Option<f64>, now: Instant) -> Rate {
+        Rate {
+            mode: Mode::Startup,
+            bw: VecDeque::new(),
+            min_rtt: None,
+            srtt: None,
+            cap,
+            full_bw: 0.0,
+            full_rounds: 0,
+            round_start: now,
+            round_lost: 0,
+            round_delivered: 0,
+            phase: 0,
+            phase_start: now,
+        }
+    }
+
+    /// The delivery rate the path has shown (bytes per second), if any.
+    pub fn bandwidth(&self) -> Option<f64> {
+        self.bw.front().map(|&(_, b)| b)
+    }
+
+    /// The smoothed round trip.
+    pub fn srtt(&self) -> Option<Duration> {
+        self.srtt
+    }
+
+    /// The shortest round trip seen lately.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt.map(|(d, _)| d)
+    }
+
+    fn round(&self) -> Duration {
+        self.srtt.unwrap_or(Duration::from_millis(100)).max(MIN_ROUND)
+    }
+
+    fn gain(&self) -> f64 {
+        match self.mode {
+            Mode::Startup => STARTUP_GAIN,
+            Mode::Drain => 1.0 / STARTUP_GAIN,
+            Mode::Cruise => CYCLE[self.phase],
+        }
+    }
+
+    /// Bytes per second to pace at.
+    pub fn pacing_rate(&self) -> f64 {
+        let rate = match self.bandwidth() {
+            Some(bw) => bw * self.gain(),
+            // Before any sample: the initial window over one round trip (or
+            // a millisecond, before any round trip is known).
+            None => {
+                let rtt = self.srtt.unwrap_or(Duration::from_millis(1));
+                STARTUP_GAIN * INITIAL_WINDOW as f64 / rtt.as_secs_f64().max(1e-4)
+            }
+        };
+        let rate = rate.max(MIN_RATE);
+        match self.cap {
+            Some(cap) => rate.min(cap),
+            None => rate,
+        }
+    }
+
+    /// Bytes that may be in flight.
+    pub fn window(&self) -> u64 {
+        let (Some(bw), Some(rtt)) = (self.bandwidth(), self.min_rtt()) else {
+            return INITIAL_WINDOW;
+        };
+        let gain = match self.mode {
+            Mode::Startup => STARTUP_GAIN,
+            _ => WINDOW_GAIN,
+        };
+        let path = bw * (rtt + 2 * REPORT_EVERY).as_secs_f64();
+        ((gain * path) as u64).max(INITIAL_WINDOW / 4)
+    }
+
+    /// A round trip measured on a report.
+    pub fn on_rtt(&mut self, rtt: Duration, now: Instant) {
+        self.srtt = Some(match self.srtt {
+            Some(s) => (s * 7 + rtt) / 8,
+            None => rtt,
+        });
+        let stale = self
+            .min_rtt
+            .is_none_or(|(d, at)| rtt <= d || now.duration_since(at) > MIN_RTT_WINDOW);
+        if stale {
+            self.min_rtt = Some((rtt, now));
+        }
+    }
+
+    /// A delivery-rate sample (bytes per second); `app_limited` when the
+    /// sender had nothing more to send while it was taken (it then only
+    /// counts if it raises the estimate).
+    pub fn on_sample(&mut self, bw: f64, app_limited: bool, now: Instant) {
+        if !bw.is_finite() || bw <= 0.0 {
+            return;
+        }
+        if app_limited && self.bandwidth().is_some_and(|b| bw < b) {
+            return;
+        }
+        let horizon = self.round() * BW_ROUNDS;
+        while self
+            .bw
+            .front()
+            .is_some_and(|&(at, _)| now.duration_since(at) > horizon)
+        {
+            self.bw.pop_front();
+        }
+        while self.bw.back().is_some_and(|&(_, b)| b <= bw) {
+            self.bw.pop_back();
+        }
+        self.bw.push_back((now, bw));
+    }
+
+    /// Bytes newly delivered and lost, and what is in flight after them.
+    pub fn on_ack(&mut self, delivered: u64, lost: u64, inflight: u64, now: Instant) {
+        self.round_delivered += delivered;
+        self.round_lost += lost;
+        if now.duration_since(self.round_start) >= self.round() {
+            self.end_round(now);
+        }
+        match self.mode {
+            Mode::Drain => {
+                let path = match (self.bandwidth(), self.min_rtt()) {
+                    (Some(bw), Some(rtt)) => (bw * rtt.as_secs_f64()) as u64,
+                    _ => 0,
+                };
+                if inflight <= path {
+                    self.mode = Mode::Cruise;
+                    self.phase = 0;
+                    self.phase_start = now;
+                }
+            }
+            Mode::Cruise => {
+                let phase = self.min_rtt().unwrap_or(MIN_ROUND).max(MIN_ROUND);
+                if now.duration_since(self.phase_start) >= phase {
+                    self.phase = (self.phase + 1) % CYCLE.len();
+                    self.phase_start = now;
+                }
+            }
+            Mode::Startup => {}
+        }
+    }
+
+    fn end_round(&mut self, now: Instant) {
+        let sent = self.round_delivered + self.round_lost;
+        let lossy = sent > 0 && self.round_lost as f64 > LOSS_LIMIT * sent as f64;
+        let delivered = self.round_delivered as f64 / now.duration_since(self.round_start).as_secs_f64();
+        self.round_start = now;
+        self.round_lost = 0;
+        self.round_delivered = 0;
+        if lossy {
+            // Over-full: down to what got through this round, but by no more
+            // than a multiplicative step (a round may end just after a pause).
+            let best = self.bandwidth().unwrap_or(0.0);
+            let next = delivered.max(best * LOSS_BETA).max(MIN_RATE);
+            self.bw.clear();
+            self.bw.push_back((now, next));
+            if self.mode == Mode::Startup {
+                self.mode = Mode::Drain;
+            }
+            return;
+        }
+        if self.mode != Mode::Startup {
+            return;
+        }
+        let bw = self.bandwidth().unwrap_or(0.0);
+        if bw > self.full_bw * 1.25 {
+            self.full_bw = bw;
+            self.full_rounds = 0;
+        } else {
+            self.full_rounds += 1;
+            if self.full_rounds >= 3 {
+                self.mode = Mode::Drain;
+            }
+        }
+    }
+
+    /// Whether the path is still being sized (for tests and logs).
+    pub fn in_startup(&self) -> bool {
+        self.mode == Mode::Startup
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_follows_delivery_not_loss() {
+        let t0 = Instant::now();
+        let mut r = Rate::new(None, t0);
+        r.on_rtt(Duration::from_millis(100), t0);
+        let mut now = t0;
+        // A path delivering 10 MB/s: startup finds it, then cruises at it.
+        for i in 0..200 {
+            now += Duration::from_millis(10);
+            r.on_sample(10e6, false, now);
+            r.on_rtt(Duration::from_millis(100), now);
+            // Half a percent lost each round is far below the limit.
+            r.on_ack(100_000, 500, if i < 50 { 3_000_000 } else { 500_000 }, now);
+        }
+        assert!(!r.in_startup());
+        let rate = r.pacing_rate();
+        assert!((7.4e6..=12.6e6).contains(&rate), "{rate}");
+        let w = r.window();
+        assert!((1_900_000..2_300_000).contains(&w), "{w}");
+    }
+
+    #[test]
+    fn heavy_loss_takes_the_estimate_down_and_a_cap_holds() {
+        let t0 = Instant::now();
+        let mut r = Rate::new(Some(5e6), t0);
+        r.on_rtt(Duration::from_millis(20), t0);
+        r.on_sample(50e6, false, t0);
+        assert_eq!(r.pacing_rate(), 5e6, "capped");
+        let mut now = t0;
+        for _ in 0..20 {
+            now += Duration::from_millis(25);
+            r.on_ack(10_000, 10_000, 0, now);
+        }
+        assert!(r.bandwidth().unwrap() < 1e6, "{:?}", r.bandwidth());
+    }
+
+    #[test]
+    fn an_app_limited_sample_never_lowers_the_estimate() {
+        let t0 = Instant::now();
+        let mut r = Rate::new(None, t0);
+        r.on_sample(8e6, false, t0);
+        r.on_sample(1e6, true, t0);
+        assert_eq!(r.bandwidth(), Some(8e6));
+        r.on_sample(9e6, true, t0);
+        assert_eq!(r.bandwidth(), Some(9e6));
+    }
+}
