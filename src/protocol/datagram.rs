@@ -7,7 +7,7 @@
 //!   magic "VD" [2] | version u8 | flags u8 | token u64 | counter u64
 //!   | piece id u64 | piece length u32 | offset u32 | bytes [..] | tag [16]
 //! Report (the payload of a `Kind::Datagrams` frame):
-//!   largest u64 | settled u64 | ack delay (µs) u32 | received u32 (KiB)
+//!   largest u64 | settled u64 | ack delay (µs) u32 | arrival rate u32 (KiB/s)
 //!   | lost ranges: count u16 | reserved u16 | (start u64, end u64) x count
 //! ```
 //!
@@ -23,7 +23,11 @@
 //! reported lost (in this report or an earlier one on the same connection,
 //! which TCP delivers in order), `largest` is the highest counter that
 //! arrived, `ack delay` how long before the report that was, and `lost`
-//! the counters newly found missing. Each loss is reported once; what tx
+//! the counters newly found missing, and `arrival rate` how fast this
+//! sender's datagrams (all its connections') have lately been arriving: the
+//! rate the path delivers, measured where it is delivered, so that reports
+//! held up on their way back (a TCP connection waiting out a lost segment)
+//! do not read as a burst of speed. Each loss is reported once; what tx
 //! sends again goes under new counters.
 
 use super::{be_u16, be_u32, be_u64};
@@ -146,8 +150,9 @@ pub struct Report {
     pub settled: u64,
     /// Microseconds between the arrival of `largest` and the report.
     pub ack_delay_us: u32,
-    /// KiB of datagrams received on the connection in all (wrapping).
-    pub received_kib: u32,
+    /// KiB per second of the sender's datagrams arriving lately (0: not
+    /// measured yet).
+    pub rate_kib: u32,
     /// Counter ranges `[start, end)` newly found missing.
     pub lost: Vec<(u64, u64)>,
 }
@@ -170,7 +175,7 @@ impl Report {
         b.extend_from_slice(&self.largest.to_be_bytes());
         b.extend_from_slice(&self.settled.to_be_bytes());
         b.extend_from_slice(&self.ack_delay_us.to_be_bytes());
-        b.extend_from_slice(&self.received_kib.to_be_bytes());
+        b.extend_from_slice(&self.rate_kib.to_be_bytes());
         b.extend_from_slice(&(self.lost.len() as u16).to_be_bytes());
         b.extend_from_slice(&[0, 0]);
         for (s, e) in &self.lost {
@@ -203,7 +208,7 @@ impl Report {
             largest: be_u64(b, 0),
             settled,
             ack_delay_us: be_u32(b, 16),
-            received_kib: be_u32(b, 20),
+            rate_kib: be_u32(b, 20),
             lost,
         })
     }
@@ -249,7 +254,7 @@ mod tests {
             largest: 100,
             settled: 90,
             ack_delay_us: 1234,
-            received_kib: 5,
+            rate_kib: 5,
             lost: vec![(3, 5), (80, 90)],
         };
         assert_eq!(Report::decode(&r.encode()), Ok(r.clone()));

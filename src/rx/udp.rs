@@ -14,7 +14,7 @@ use super::state::{Conn, Session, State};
 use super::Arrived;
 use crate::crypto::{DatagramKey, TAG_LEN};
 use crate::protocol::datagram::{Header, HEADER_LEN};
-use crate::udp::recv::{Arrival, Inbound};
+use crate::udp::recv::{Arrival, Inbound, Meter};
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
@@ -46,6 +46,8 @@ pub struct Flow {
     pub feet: Sender<Arrived>,
     /// Where its pieces stand.
     inbound: Mutex<Inbound>,
+    /// Where its datagrams come from (the sender's socket for its path).
+    source: Mutex<Option<SocketAddr>>,
 }
 
 impl Flow {
@@ -66,6 +68,7 @@ impl Flow {
             closer,
             feet,
             inbound: Mutex::new(Inbound::new()),
+            source: Mutex::new(None),
         }
     }
 
@@ -80,6 +83,8 @@ pub struct UdpRx {
     /// The port it is bound to.
     pub port: u16,
     flows: Mutex<HashMap<u64, Arc<Flow>>>,
+    /// How fast each sender socket's datagrams arrive.
+    meters: Mutex<HashMap<SocketAddr, Meter>>,
 }
 
 impl std::fmt::Debug for UdpRx {
@@ -103,6 +108,7 @@ impl UdpRx {
             port: socket.local_addr()?.port(),
             socket,
             flows: Mutex::new(HashMap::new()),
+            meters: Mutex::new(HashMap::new()),
         });
         let (me, state) = (Arc::clone(&rx), Arc::clone(state));
         std::thread::Builder::new()
@@ -153,6 +159,11 @@ impl UdpRx {
                     if let Some(token) = Header::token_of(&buf[..n]) {
                         let flow = self.flows().get(&token).cloned();
                         if let Some(flow) = flow {
+                            // Counted before its check: a forged datagram
+                            // can at most raise the rate the sender is told
+                            // it reaches, never a stream's bytes.
+                            self.meter(from, n);
+                            *flow.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
                             let d = decompressors.entry(token).or_default();
                             if let Err(e) = self.take(state, &flow, &mut buf[..n], d) {
                                 log::warn!("{from}: {e}; its connection is dropped");
@@ -182,7 +193,7 @@ impl UdpRx {
                 let flows: Vec<Arc<Flow>> = self.flows().values().cloned().collect();
                 decompressors.retain(|t, _| self.flows().contains_key(t));
                 for f in flows {
-                    report(&f, now);
+                    self.report(&f, now);
                 }
             }
         }
@@ -227,7 +238,7 @@ impl UdpRx {
         let received = flow.inbound().received();
         flow.conn.outbox.progress(received, now);
         let Arrival::Whole(piece) = arrival else {
-            report(flow, now);
+            self.report(flow, now);
             return Ok(());
         };
         let mut data = piece.data;
@@ -252,15 +263,29 @@ impl UdpRx {
         };
         hand_over(state, session, &flow.conn, &flow.feet, piece, decompressor)
             .map_err(|e| e.to_string())?;
-        report(flow, now);
+        self.report(flow, now);
         Ok(())
     }
-}
 
-/// Posts `flow`'s report if one is due.
-fn report(flow: &Flow, now: Instant) {
-    let r = flow.inbound().poll_report(now);
-    if let Some(r) = r {
-        flow.conn.outbox.datagrams(r);
+    fn meter(&self, from: SocketAddr, n: usize) {
+        let now = Instant::now();
+        let mut meters = self.meters.lock().unwrap_or_else(|p| p.into_inner());
+        if meters.len() > 4096 && !meters.contains_key(&from) {
+            // Bounded, whoever sends: the oldest senders are long gone.
+            meters.clear();
+        }
+        meters.entry(from).or_insert_with(|| Meter::new(now)).add(n + 28, now);
+    }
+
+    /// Posts `flow`'s report if one is due, with its sender's arrival rate.
+    fn report(&self, flow: &Flow, now: Instant) {
+        let r = flow.inbound().poll_report(now);
+        if let Some(mut r) = r {
+            let source = *flow.source.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = source.and_then(|s| self.meters.lock().ok()?.get(&s).map(Meter::rate_kib)) {
+                r.rate_kib = m;
+            }
+            flow.conn.outbox.datagrams(r);
+        }
     }
 }

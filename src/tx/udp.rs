@@ -66,11 +66,31 @@ impl Path {
     fn run(&self) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let mut s = self.lock();
+        let mut told = Instant::now();
         loop {
             if s.stopped {
                 return;
             }
             let now = Instant::now();
+            if now >= told + Duration::from_secs(1) {
+                told = now;
+                let l = &s.lane;
+                let r = l.rate();
+                log::debug!(
+                    "udp {}: pacing {:.1} Mbit/s, delivery {:.1} Mbit/s, rtt {:?} (min {:?}), {} KiB in flight of {} KiB; {} datagrams, {} sent again, {} probes{}",
+                    self.addr,
+                    r.pacing_rate() * 8e-6,
+                    r.bandwidth().unwrap_or(0.0) * 8e-6,
+                    r.srtt().unwrap_or_default(),
+                    r.min_rtt().unwrap_or_default(),
+                    l.inflight() >> 10,
+                    r.window() >> 10,
+                    l.sent,
+                    l.resent,
+                    l.probes,
+                    if r.in_startup() { ", starting" } else { "" }
+                );
+            }
             if s.lane.poll_timeout(now).is_some_and(|t| t <= now) {
                 s.lane.handle_timeout(now);
             }

@@ -46,9 +46,10 @@ pub const MIN_RATE: f64 = 16.0 * 1024.0;
 const BW_ROUNDS: u32 = 10;
 /// The shortest round trip is the shortest seen in this long.
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
-/// The shortest a round is counted as: two report intervals, since a
-/// shorter round trip cannot be told apart from the reports' own pace.
-const MIN_ROUND: Duration = Duration::from_millis(10);
+/// The shortest a round (and a cruise phase) is counted as: two of the
+/// receiver's rate windows ([`super::recv::METER_WINDOW`]), or a probe would
+/// be averaged away before it is measured.
+const MIN_ROUND: Duration = Duration::from_millis(100);
 /// The receiver reports at most this often; the window covers it.
 pub const REPORT_EVERY: Duration = Duration::from_millis(5);
 
@@ -77,6 +78,8 @@ pub struct Rate {
     round_delivered: u64,
     phase: usize,
     phase_start: Instant,
+    /// A delivery rate arrived this round.
+    sampled: bool,
 }
 
 impl Rate {
@@ -95,6 +98,7 @@ impl Rate {
             round_delivered: 0,
             phase: 0,
             phase_start: now,
+            sampled: false,
         }
     }
 
@@ -180,6 +184,7 @@ impl Rate {
         if app_limited && self.bandwidth().is_some_and(|b| bw < b) {
             return;
         }
+        self.sampled = true;
         let horizon = self.round() * BW_ROUNDS;
         while self
             .bw
@@ -231,6 +236,7 @@ impl Rate {
         self.round_start = now;
         self.round_lost = 0;
         self.round_delivered = 0;
+
         if lossy {
             // Over-full: down to what got through this round, but by no more
             // than a multiplicative step (a round may end just after a pause).
@@ -246,7 +252,10 @@ impl Rate {
         if self.mode != Mode::Startup {
             return;
         }
-        let bw = self.bandwidth().unwrap_or(0.0);
+        // Only a round that measured something says the path is full.
+        let Some(bw) = self.bandwidth().filter(|_| std::mem::take(&mut self.sampled)) else {
+            return;
+        };
         if bw > self.full_bw * 1.25 {
             self.full_bw = bw;
             self.full_rounds = 0;
@@ -297,7 +306,7 @@ mod tests {
         r.on_sample(50e6, false, t0);
         assert_eq!(r.pacing_rate(), 5e6, "capped");
         let mut now = t0;
-        for _ in 0..20 {
+        for _ in 0..80 {
             now += Duration::from_millis(25);
             r.on_ack(10_000, 10_000, 0, now);
         }

@@ -76,6 +76,48 @@ impl Partial {
     }
 }
 
+/// How long the arrival rate is measured over.
+pub const METER_WINDOW: Duration = Duration::from_millis(50);
+
+/// The rate one sender's datagrams arrive at (all its connections').
+#[derive(Debug)]
+pub struct Meter {
+    start: Instant,
+    bytes: u64,
+    rate: f64,
+}
+
+impl Meter {
+    /// A meter starting now.
+    pub fn new(now: Instant) -> Meter {
+        Meter {
+            start: now,
+            bytes: 0,
+            rate: 0.0,
+        }
+    }
+
+    /// `bytes` (a datagram as the path carries it) arrived.
+    pub fn add(&mut self, bytes: usize, now: Instant) {
+        let span = now.saturating_duration_since(self.start);
+        if span >= METER_WINDOW {
+            // A window with a long gap in it (nothing to send) says little
+            // of the path: only whole windows count, the rest starts anew.
+            if span < METER_WINDOW * 2 {
+                self.rate = self.bytes as f64 / span.as_secs_f64();
+            }
+            self.start = now;
+            self.bytes = 0;
+        }
+        self.bytes += bytes as u64;
+    }
+
+    /// KiB per second over the last whole window.
+    pub fn rate_kib(&self) -> u32 {
+        (self.rate / 1024.0).min(f64::from(u32::MAX)) as u32
+    }
+}
+
 /// One connection's datagrams.
 #[derive(Debug, Default)]
 pub struct Inbound {
@@ -249,7 +291,7 @@ impl Inbound {
             largest,
             settled,
             ack_delay_us: delay.as_micros().min(u128::from(u32::MAX)) as u32,
-            received_kib: (self.received >> 10) as u32,
+            rate_kib: 0,
             lost,
         })
     }

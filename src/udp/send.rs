@@ -79,12 +79,6 @@ struct Sent {
     len: u32,
     at: Instant,
     wire: u32,
-    /// The lane's delivered bytes, when they last grew, and when the datagram
-    /// delivered then had gone, at the time this one went.
-    delivered: u64,
-    delivered_at: Instant,
-    first_sent_at: Instant,
-    app_limited: bool,
 }
 
 #[derive(Debug)]
@@ -149,10 +143,6 @@ pub struct Lane {
     tokens: f64,
     refilled: Instant,
     inflight: u64,
-    delivered: u64,
-    delivered_at: Instant,
-    /// When the datagram most recently delivered had gone.
-    delivered_sent_at: Instant,
     /// Payload bytes per datagram.
     chunk: usize,
     /// Header and tag bytes per datagram.
@@ -165,6 +155,8 @@ pub struct Lane {
     pub resent: u64,
     /// Datagrams sent in all.
     pub sent: u64,
+    /// Probe timeouts that fired.
+    pub probes: u64,
 }
 
 impl Lane {
@@ -180,9 +172,6 @@ impl Lane {
             tokens: 0.0,
             refilled: now,
             inflight: 0,
-            delivered: 0,
-            delivered_at: now,
-            delivered_sent_at: now,
             chunk: datagram.saturating_sub(overhead).max(64),
             overhead,
             heard: false,
@@ -191,6 +180,7 @@ impl Lane {
             effects: Effects::default(),
             resent: 0,
             sent: 0,
+            probes: 0,
         }
     }
 
@@ -291,7 +281,6 @@ impl Lane {
         }
         self.tokens -= wire;
         // Committed: take it off its queue.
-        let app_limited = self.fresh.len() <= 1 && self.flows.values().all(|f| f.resend.is_empty());
         let f = self.flows.get_mut(&w).expect("picked from a flow");
         let p = f.pieces.get_mut(&piece).expect("picked a live piece");
         let data = p.data.clone();
@@ -323,10 +312,6 @@ impl Lane {
             len: len as u32,
             at: now,
             wire: wire as u32,
-            delivered: self.delivered,
-            delivered_at: self.delivered_at,
-            first_sent_at: self.delivered_sent_at,
-            app_limited,
         }));
         self.first_sent.get_or_insert(now);
         self.inflight += wire as u64;
@@ -420,31 +405,17 @@ impl Lane {
             }
         }
         let mut delivered = 0u64;
-        let mut sample: Option<Sent> = None;
         for c in f.base..r.settled {
             if let Some(s) = f.take(c) {
                 delivered += u64::from(s.wire);
-                sample = Some(s);
             }
         }
         f.trim();
         self.inflight = self.inflight.saturating_sub(lost + delivered);
-        if delivered > 0 {
-            self.delivered += delivered;
-            self.delivered_at = now;
-            if let Some(s) = sample {
-                self.delivered_sent_at = s.at;
-                // As long as it took to deliver, and no shorter than it
-                // took to send: a report that settles much at once (a hole
-                // filled) does not read as a burst of speed.
-                let acked = now.saturating_duration_since(s.delivered_at);
-                let sent = s.at.saturating_duration_since(s.first_sent_at);
-                let interval = acked.max(sent).as_secs_f64();
-                if interval > 0.0 {
-                    let bw = (self.delivered - s.delivered) as f64 / interval;
-                    self.rate.on_sample(bw, s.app_limited, now);
-                }
-            }
+        // The delivery rate as rx measured it, where the path delivers: the
+        // reports themselves come back late and in bursts.
+        if r.rate_kib > 0 {
+            self.rate.on_sample(f64::from(r.rate_kib) * 1024.0, false, now);
         }
         self.rate.on_ack(delivered, lost, self.inflight, now);
         #[cfg(test)]
@@ -501,6 +472,7 @@ impl Lane {
         for w in ptos {
             let f = self.flows.get_mut(&w).expect("listed");
             f.ptos += 1;
+            self.probes += 1;
             f.heard_at = Some(now);
             // The newest range still in flight goes again; what rx then
             // reports brings the rest.

@@ -3,7 +3,7 @@
 //! (at least 64 KiB), a fixed delay, random loss, and a control channel
 //! that delivers in order (TCP) but waits out a dark spell like the path.
 
-use super::recv::{Arrival, Inbound};
+use super::recv::{Arrival, Inbound, Meter};
 use super::send::{Lane, IP_UDP};
 use crate::pool::Shared;
 use crate::protocol::datagram::{Header, Report};
@@ -110,6 +110,7 @@ fn run(case: Case) -> Outcome {
 
     let mut lane = Lane::new(1472, 16, None, t0);
     let mut inbound: Vec<Inbound> = (0..case.workers).map(|_| Inbound::new()).collect();
+    let mut meter = Meter::new(t0);
     for w in 0..case.workers {
         lane.open(w, w as u64 + 1);
     }
@@ -203,6 +204,7 @@ fn run(case: Case) -> Outcome {
             match e {
                 Event::Datagram(h, bytes) => {
                     let w = (h.token - 1) as usize;
+                    meter.add(crate::protocol::datagram::HEADER_LEN + 16 + bytes.len() + IP_UDP, now);
                     let arrival = inbound[w].on_datagram(&h, &bytes, delivered_below, now, |_| true);
                     if let Arrival::Whole(p) = arrival {
                         assert!(!whole[p.id as usize], "piece {} put together twice", p.id);
@@ -223,7 +225,8 @@ fn run(case: Case) -> Outcome {
             }
         }
         for (w, i) in inbound.iter_mut().enumerate() {
-            if let Some(r) = i.poll_report(now) {
+            if let Some(mut r) = i.poll_report(now) {
+                r.rate_kib = meter.rate_kib();
                 q.push(control(now), Event::Report(w, r));
             }
         }
