@@ -53,15 +53,17 @@ fn main() {
             "validate" => report.push_str(&wan::validation()),
             "multipath" => report.push_str(&wan::multipath()),
             "slow" => report.push_str(&wan::slow()),
+            "longhaul" => report.push_str(&wan::longhaul()),
             "all" => {
                 report.push_str(&loopback());
                 report.push_str(&wan::wan());
                 report.push_str(&wan::slow());
                 report.push_str(&wan::multipath());
+                report.push_str(&wan::longhaul());
             }
             other => {
                 eprintln!(
-                    "unknown scenario {other:?}; known: loopback, wan, slow, multipath, all, validate"
+                    "unknown scenario {other:?}; known: loopback, wan, slow, multipath, longhaul, all, validate"
                 );
                 std::process::exit(2);
             }

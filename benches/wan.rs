@@ -679,3 +679,125 @@ pub fn shell(args: &[String]) {
         }
     }
 }
+
+/// The long lossy path and a fast one, cubic in the namespaces: iperf3,
+/// nc, TCP at the defaults, `threads auto` and `--udp` side by side; then
+/// `--udp` beside one TCP flow on a clean shared path (fairness).
+pub fn longhaul() -> String {
+    if !can_run("longhaul") {
+        return "### longhaul: skipped (needs root)\n\n".into();
+    }
+    require(PEERS);
+    let dir = crate::bench_dir();
+    let first = PathSpec::new(200, 150.0, 0.005);
+    let wan = Wan::new(&[first], "cubic", SEED).expect("build the emulated WAN");
+    let dest = [wan.addr_b(0)];
+    let mut report = String::new();
+    // nc is one cubic stream: a small input keeps its run within minutes.
+    for (spec, mib, nc_mib) in [
+        (first, 512, 16),
+        (PathSpec::new(1000, 40.0, 0.001), 1024, 128),
+    ] {
+        wan.set_path(0, spec);
+        eprintln!("longhaul: {}, cubic", spec.describe());
+        let inp = input(&dir, mib);
+        let small = input(&dir, nc_mib);
+        let mut rows = vec![Row {
+            tool: "iperf3 -P 16".into(),
+            mbit: iperf3(&wan, 0, 16, 20, &[]),
+            run: None,
+            note: "20 s".into(),
+        }];
+        let (mbit, run) = transfer_n(&wan, &nc(&dest[0]), &small, &dir, rounds());
+        rows.push(Row {
+            tool: "nc".into(),
+            mbit,
+            run: Some(run),
+            note: format!("{nc_mib} MiB"),
+        });
+        for (name, extra) in [
+            ("viamillipede (defaults: threads 16)", ""),
+            ("viamillipede threads auto", "threads auto"),
+            ("viamillipede --udp", "--udp"),
+        ] {
+            let tool = viamillipede(name, &dest, extra, None);
+            let (mbit, run) = transfer_n(&wan, &tool, &inp, &dir, rounds());
+            rows.push(Row {
+                tool: name.into(),
+                mbit,
+                run: Some(run),
+                note: format!("{mib} MiB"),
+            });
+        }
+        // The ceiling for TCP's 1448 payload bytes in a 1514-byte frame.
+        let ceiling = spec.rate as f64 / 1e6 * 1448.0 / 1514.0;
+        report.push_str(&table(
+            &format!(
+                "longhaul: {}, cubic (goodput ceiling {ceiling:.0} Mbit/s)",
+                spec.describe()
+            ),
+            &rows,
+            2,
+            &format!(
+                "--udp >= 0.9 x the ceiling ({:.0} Mbit/s) on the 200 Mbit/s path; threads auto >= 2 x the defaults there",
+                0.9 * ceiling
+            ),
+        ));
+    }
+    report.push_str(&fairness(&wan, &dir));
+    report
+}
+
+/// `--udp` sharing a clean 200 Mbit/s 50 ms path with one iperf3 (cubic)
+/// flow for 30 s: each one's goodput over those 30 s.
+fn fairness(wan: &Wan, dir: &Path) -> String {
+    let spec = PathSpec::new(200, 50.0, 0.0);
+    wan.set_path(0, spec);
+    eprintln!("longhaul: fairness on {}", spec.describe());
+    let alone = iperf3(wan, 0, 1, 30, &[]);
+    let inp = input(dir, 1024);
+    let out = out_path(dir);
+    let stats = dir.join("fairness-stats.json");
+    let _ = fs::remove_file(&stats);
+    let mut rx = Wan::exec(&wan.b, vm())
+        .args(["rx", &PORT.to_string(), "--stats-json"])
+        .arg(&stats)
+        .stdout(fs::File::create(&out).expect("output file"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rx");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut tx = Wan::exec(&wan.a, vm())
+        .args(["tx", &wan.addr_b(0), &PORT.to_string(), "--udp"])
+        .stdin(fs::File::open(&inp).expect("input"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tx");
+    // iperf3 joins once --udp has found the path's rate.
+    let lead = 5;
+    std::thread::sleep(Duration::from_secs(lead));
+    let beside = iperf3(wan, 0, 1, 30, &[]);
+    let tx_ok = tx.wait().map(|s| s.success()).unwrap_or(false);
+    let rx_ok = rx.wait().map(|s| s.success()).unwrap_or(false);
+    assert!(tx_ok && rx_ok, "the fairness transfer failed");
+    assert_eq!(sha256(&out), sha256(&inp), "fairness: output differs");
+    let _ = fs::remove_file(&out);
+    let doc: serde_json::Value =
+        serde_json::from_slice(&fs::read(&stats).expect("stats document")).expect("stats JSON");
+    let series: Vec<f64> = doc["sides"][0]["throughput"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_f64()).collect())
+        .unwrap_or_default();
+    // rx's clock starts with the first connection, about when tx started.
+    let window =
+        &series[(lead as usize + 1).min(series.len())..(lead as usize + 30).min(series.len())];
+    let udp = window.iter().sum::<f64>() * 8.0 / 1e6 / window.len().max(1) as f64;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "### fairness: {}, cubic, 30 s\n\n| flow | goodput |\n|---|---:|\n| iperf3 (one stream) alone | {alone:.1} Mbit/s |\n| iperf3 (one stream) beside --udp | {beside:.1} Mbit/s |\n| --udp beside iperf3 | {udp:.1} Mbit/s |\n\n--udp took {:.2} x the TCP flow's goodput while they shared the path.\n",
+        spec.describe(),
+        udp / beside.max(0.1)
+    );
+    t
+}

@@ -89,6 +89,7 @@ fn corpus(key: &Key) -> Vec<(Target, Vec<u8>)> {
         key: Some(key.clone()),
         encrypt: false,
         checksums: false,
+        udp: false,
     };
     let (mut tx, hello) = TxNegotiation::new(&offer(&terms), [1; 32]);
     let mut rx = RxNegotiation::new(terms, *b"receiver", [2; 32]);
@@ -233,6 +234,7 @@ fn check(target: Target, input: &[u8], original: &[u8], key: &Key, stats: &mut [
                 key,
                 encrypt: false,
                 checksums: false,
+                udp: false,
             };
             for k in [None, Some(key.clone())] {
                 let mut rx = RxNegotiation::new(terms(k.clone()), *b"receiver", [2; 32]);

@@ -301,6 +301,13 @@ pub struct Cli {
     #[arg(long)]
     pub udp: bool,
 
+    /// With --udp: the largest datagram (UDP payload bytes, 512 to 65507)
+    /// to send, when it must be smaller than the route's MTU allows: a
+    /// tunnel on the way that drops what does not fit instead of saying so.
+    /// Default: the route MTU as the kernel knows it (1472 on Ethernet).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(512..=65507))]
+    pub datagram_size: Option<u16>,
+
     /// Compress each foot with zstd (tx), on the worker threads in parallel;
     /// a foot that does not shrink is sent as it is, and rx decompresses on
     /// its own. LEVEL -7 (fastest) to 19, 3 when left out: --compress or
@@ -811,6 +818,7 @@ impl Cli {
             key,
             encrypt: self.encrypt,
             udp: self.udp,
+            datagram_size: self.datagram_size.map(usize::from),
             warnings,
             prbs: self.prbs,
             checksums: self.checksums,
@@ -856,6 +864,7 @@ impl Cli {
             ("threads", rx && self.threads != config::DEFAULT_THREADS),
             ("--bind", rx && self.bind.is_some()),
             ("--udp", self.udp),
+            ("--datagram-size", self.datagram_size.is_some()),
         ]
         .into_iter()
         .filter(|(_, given)| *given)

@@ -157,6 +157,8 @@ pub struct Config {
     pub encrypt: bool,
     /// tx: send the feet's bytes as UDP datagrams (`--udp`).
     pub udp: bool,
+    /// tx: the largest datagram, if smaller than the route allows.
+    pub datagram_size: Option<usize>,
     /// Warnings found while parsing (printed once logging is up).
     pub warnings: Vec<String>,
     /// Options given that mean nothing on this side (see

@@ -14,6 +14,7 @@ mod security;
 mod sockets;
 mod ssh;
 mod tunnel;
+mod udp;
 mod util;
 mod waits;
 

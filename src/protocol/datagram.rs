@@ -236,16 +236,28 @@ mod tests {
         let b = h.encode();
         assert_eq!(Header::decode(&b, 1400, 1 << 20), Ok(h));
         assert_eq!(Header::token_of(&b), Some(h.token));
-        assert_eq!(Header::decode(&b, 3601, 1 << 20), Err(DatagramError::BadRange));
+        assert_eq!(
+            Header::decode(&b, 3601, 1 << 20),
+            Err(DatagramError::BadRange)
+        );
         assert_eq!(Header::decode(&b, 1400, 4999), Err(DatagramError::BadRange));
-        assert_eq!(Header::decode(&b[..35], 0, 1 << 20), Err(DatagramError::Truncated));
+        assert_eq!(
+            Header::decode(&b[..35], 0, 1 << 20),
+            Err(DatagramError::Truncated)
+        );
         let mut bad = b;
         bad[0] = b'X';
-        assert_eq!(Header::decode(&bad, 1, 1 << 20), Err(DatagramError::BadMagic));
+        assert_eq!(
+            Header::decode(&bad, 1, 1 << 20),
+            Err(DatagramError::BadMagic)
+        );
         assert_eq!(Header::token_of(&bad), None);
         let mut bad = b;
         bad[3] = 0x80;
-        assert_eq!(Header::decode(&bad, 1, 1 << 20), Err(DatagramError::Unsupported));
+        assert_eq!(
+            Header::decode(&bad, 1, 1 << 20),
+            Err(DatagramError::Unsupported)
+        );
     }
 
     #[test]

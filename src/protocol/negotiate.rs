@@ -353,7 +353,10 @@ impl TxNegotiation {
             false => None,
         };
         if udp.is_some() && !self.terms.udp {
-            return refuse(Reason::Other, "the receiver offered UDP, which was not asked for");
+            return refuse(
+                Reason::Other,
+                "the receiver offered UDP, which was not asked for",
+            );
         }
         if self.terms.udp && udp.is_none() {
             let why = match reply.message.is_empty() {

@@ -5,12 +5,12 @@
 //! stream in progress and the receiver carry on.
 
 use super::state::{Admission, Progress, Session, State};
-use super::{Arrived, Event};
 use super::udp;
+use super::{Arrived, Event};
 use crate::crypto::{self, DatagramKey, Opener, Sealer, PROOF_LEN};
+use crate::error::{shown, Error};
 use crate::protocol::handshake::FLAG_UDP;
 use crate::protocol::negotiate::UdpTerms;
-use crate::error::{shown, Error};
 use crate::protocol::negotiate::{RxNegotiation, RxStep, Terms, Verdict};
 use crate::protocol::{HandshakeError, Kind, HEADER_LEN};
 use crate::stats::LinkState;
@@ -83,8 +83,11 @@ pub fn handle(
     let _ = events.send(Event::Opened);
     log::info!("{peer}: connected");
     let udp = match udp {
-        Some((terms, key)) => match (state.udp_open(), stream.try_clone()) {
-            (Some(socket), Ok(closer)) => {
+        Some((terms, key)) => match (
+            stream.local_addr().map(|l| state.udp(l)),
+            stream.try_clone(),
+        ) {
+            (Ok(Ok(socket)), Ok(closer)) => {
                 let flow = udp::Flow::new(
                     Arc::clone(&conn),
                     session,
@@ -253,7 +256,7 @@ fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Ha
             let udp = (hello.flags & FLAG_UDP != 0)
                 .then(|| {
                     let local = stream.local_addr().ok()?;
-                    let socket = state.udp(local, local.port()).ok()?;
+                    let socket = state.udp(local).ok()?;
                     Some(UdpTerms {
                         port: socket.port,
                         token: socket.token(),

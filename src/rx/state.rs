@@ -82,9 +82,9 @@ pub struct State {
     output_open: Mutex<bool>,
     /// When the sender was first seen to know the stream is complete.
     confirmed: Mutex<Option<Instant>>,
-    /// The UDP socket, once a sender asked for it (`--udp`), or why it
-    /// could not be opened.
-    udp: OnceLock<Result<Arc<super::udp::UdpRx>, String>>,
+    /// The UDP sockets, one per local address senders reached, opened when
+    /// a sender first asked (`--udp`), or why one could not be opened.
+    udp: Mutex<BTreeMap<std::net::IpAddr, Result<Arc<super::udp::UdpRx>, String>>>,
 }
 
 /// The verdict on a handshake.
@@ -136,31 +136,27 @@ impl State {
             closed: Mutex::new(Vec::new()),
             output_open: Mutex::new(true),
             confirmed: Mutex::new(None),
-            udp: OnceLock::new(),
+            udp: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// The UDP socket on `port` (the TCP port, for a connection that
-    /// reached `local`), opened the first time a sender asks.
+    /// The UDP socket on the address and port a TCP connection reached
+    /// (`local`), opened the first time a sender asks there.
     pub fn udp(
         self: &Arc<Self>,
         local: std::net::SocketAddr,
-        port: u16,
     ) -> Result<Arc<super::udp::UdpRx>, String> {
-        self.udp
-            .get_or_init(|| {
-                super::udp::UdpRx::open(self, local, port).map_err(|e| {
-                    let why = format!("cannot open UDP port {port}: {e}");
+        let local = std::net::SocketAddr::new(local.ip().to_canonical(), local.port());
+        Self::lock(&self.udp)
+            .entry(local.ip())
+            .or_insert_with(|| {
+                super::udp::UdpRx::open(self, local).map_err(|e| {
+                    let why = format!("cannot open UDP port {local}: {e}");
                     log::warn!("{why}");
                     why
                 })
             })
             .clone()
-    }
-
-    /// The UDP socket, if it is open.
-    pub fn udp_open(&self) -> Option<Arc<super::udp::UdpRx>> {
-        self.udp.get().and_then(|u| u.as_ref().ok()).cloned()
     }
 
     fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -1,5 +1,5 @@
-//! rx's UDP socket (`--udp`): opened on the receiver's TCP port number the
-//! first time a sender asks for it, read by one thread that checks each
+//! rx's UDP sockets (`--udp`): one on each address and TCP port number a
+//! sender's connection reached, opened the first time a sender asks there, read by one thread that checks each
 //! datagram, puts pieces together per connection ([`Inbound`]) and hands
 //! whole ones to the sequencer as a TCP connection would.
 //!
@@ -94,14 +94,10 @@ impl std::fmt::Debug for UdpRx {
 }
 
 impl UdpRx {
-    /// Binds the UDP port `port` on the wildcard address of `like`'s family
-    /// and starts its reader.
-    pub fn open(state: &Arc<State>, like: SocketAddr, port: u16) -> std::io::Result<Arc<UdpRx>> {
-        let any: SocketAddr = match like {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, port).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
-        };
-        let socket = UdpSocket::bind(any)?;
+    /// Binds `local` (the address and port a sender's TCP connection
+    /// reached) and starts its reader.
+    pub fn open(state: &Arc<State>, local: SocketAddr) -> std::io::Result<Arc<UdpRx>> {
+        let socket = UdpSocket::bind(local)?;
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RCVBUF);
         socket.set_read_timeout(Some(TICK))?;
         let rx = Arc::new(UdpRx {
@@ -230,9 +226,11 @@ impl UdpRx {
         let session = flow.session;
         let delivered = state.delivered.load(Ordering::Acquire);
         let ids = crate::protocol::id_window(session.window);
-        let arrival = flow.inbound().on_datagram(&h, bytes, delivered, Instant::now(), |len| {
-            h.piece < delivered + ids && state.reserve(session, u64::from(len))
-        });
+        let arrival = flow
+            .inbound()
+            .on_datagram(&h, bytes, delivered, Instant::now(), |len| {
+                h.piece < delivered + ids && state.reserve(session, u64::from(len))
+            });
         flow.conn.link.count_wire((datagram.len() + 28) as u64);
         let now = Instant::now();
         let received = flow.inbound().received();
@@ -274,7 +272,10 @@ impl UdpRx {
             // Bounded, whoever sends: the oldest senders are long gone.
             meters.clear();
         }
-        meters.entry(from).or_insert_with(|| Meter::new(now)).add(n + 28, now);
+        meters
+            .entry(from)
+            .or_insert_with(|| Meter::new(now))
+            .add(n + 28, now);
     }
 
     /// Posts `flow`'s report if one is due, with its sender's arrival rate.
@@ -282,7 +283,9 @@ impl UdpRx {
         let r = flow.inbound().poll_report(now);
         if let Some(mut r) = r {
             let source = *flow.source.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(m) = source.and_then(|s| self.meters.lock().ok()?.get(&s).map(Meter::rate_kib)) {
+            if let Some(m) =
+                source.and_then(|s| self.meters.lock().ok()?.get(&s).map(Meter::rate_kib))
+            {
                 r.rate_kib = m;
             }
             flow.conn.outbox.datagrams(r);

@@ -7,8 +7,8 @@
 
 pub mod count;
 pub mod schedule;
-pub mod window;
 mod udp;
+pub mod window;
 mod worker;
 
 use crate::config::{Config, Destination, Pacing};
@@ -315,6 +315,7 @@ pub fn send(
     let paths = Arc::new(udp::Paths::new(
         config.pacing.rate.map(|r| r as f64),
         config.key.is_some(),
+        config.datagram_size,
     ));
     let crew = Arc::new(Crew {
         config: config.clone(),

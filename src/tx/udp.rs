@@ -129,7 +129,10 @@ impl Path {
                 // missing); a smaller path MTU is taken on.
                 if e.raw_os_error() == Some(rustix::io::Errno::MSGSIZE.raw_os_error()) {
                     let size = datagram_size(&self.socket, self.addr);
-                    log::info!("udp {}: the path takes datagrams of {size} bytes", self.addr);
+                    log::info!(
+                        "udp {}: the path takes datagrams of {size} bytes",
+                        self.addr
+                    );
                     s.lane.shrink(size);
                 } else {
                     log::debug!("udp {}: send: {e}", self.addr);
@@ -156,15 +159,18 @@ pub struct Paths {
     cap: Option<f64>,
     /// Whether datagrams carry a tag.
     keyed: bool,
+    /// `--datagram-size`.
+    largest: Option<usize>,
 }
 
 impl Paths {
     /// No paths yet; each is opened when its first connection agrees on UDP.
-    pub fn new(cap: Option<f64>, keyed: bool) -> Paths {
+    pub fn new(cap: Option<f64>, keyed: bool, largest: Option<usize>) -> Paths {
         Paths {
             paths: Mutex::new(HashMap::new()),
             cap,
             keyed,
+            largest,
         }
     }
 
@@ -190,7 +196,7 @@ impl Paths {
         }
         let _ = socket2::SockRef::from(&socket).set_send_buffer_size(SNDBUF);
         socket.connect(addr)?;
-        let size = datagram_size(&socket, addr);
+        let size = datagram_size(&socket, addr).min(self.largest.unwrap_or(MAX_DATAGRAM));
         log::info!("udp {addr}: datagrams of {size} bytes");
         let tag = if self.keyed { TAG_LEN } else { 0 };
         let path = Arc::new(Path {
@@ -236,7 +242,12 @@ impl Paths {
 
     /// Stops every path's sender thread.
     pub fn stop(&self) {
-        for p in self.paths.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        for p in self
+            .paths
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
             p.lock().stopped = true;
             p.wake.notify_all();
             p.out.notify_all();
@@ -318,6 +329,18 @@ impl Flow {
         self.path.apply(&mut s);
         self.path.wake.notify_all();
         out
+    }
+}
+
+impl Flow {
+    /// The connection is gone: what it had in flight is forgotten, and its
+    /// worker, if waiting for a piece to go out, is woken.
+    pub fn close(&self) {
+        let mut s = self.path.lock();
+        s.lane.close(self.w);
+        s.keys.remove(&self.w);
+        self.path.apply(&mut s);
+        self.path.wake.notify_all();
     }
 }
 

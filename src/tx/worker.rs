@@ -5,13 +5,13 @@
 //! acknowledgement reader feeds what rx says back into the window. Whichever
 //! notices a failure first shuts the socket down, which wakes the other.
 
+use super::udp::Gone;
 use super::window::{Closer, Next, Window};
 use super::DialedIn;
 use crate::config::{Config, Destination};
-use super::udp::Gone;
 use crate::crypto::{self, DatagramKey, Opener, Sealer};
-use crate::pool::Shared as Bytes;
 use crate::error::{shown, Error};
+use crate::pool::Shared as Bytes;
 use crate::protocol::handshake::HandshakeError;
 use crate::protocol::negotiate::{Offer, Terms, TxNegotiation, TxStep};
 use crate::protocol::{Header, Kind, FLAG_COMPRESSED};
@@ -283,9 +283,7 @@ fn handshake(
     };
     let udp = match agreed.udp {
         Some(terms) => {
-            let peer = stream
-                .peer_addr()
-                .map_err(|e| retry("address of", &e))?;
+            let peer = stream.peer_addr().map_err(|e| retry("address of", &e))?;
             let key = match (&c.key, agreed.nonces) {
                 (Some(key), Some(n)) => Some(key.datagrams(&n.tx, &n.rx, agreed.encrypt)),
                 _ => None,
@@ -540,5 +538,8 @@ fn read_acks(
         }
     }
     let _ = reader.get_mut().shutdown(Shutdown::Both);
+    if let Some(f) = flow {
+        f.close();
+    }
     window.disconnected(w);
 }

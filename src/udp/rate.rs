@@ -118,7 +118,9 @@ impl Rate {
     }
 
     fn round(&self) -> Duration {
-        self.srtt.unwrap_or(Duration::from_millis(100)).max(MIN_ROUND)
+        self.srtt
+            .unwrap_or(Duration::from_millis(100))
+            .max(MIN_ROUND)
     }
 
     fn gain(&self) -> f64 {
@@ -232,7 +234,8 @@ impl Rate {
     fn end_round(&mut self, now: Instant) {
         let sent = self.round_delivered + self.round_lost;
         let lossy = sent > 0 && self.round_lost as f64 > LOSS_LIMIT * sent as f64;
-        let delivered = self.round_delivered as f64 / now.duration_since(self.round_start).as_secs_f64();
+        let delivered =
+            self.round_delivered as f64 / now.duration_since(self.round_start).as_secs_f64();
         self.round_start = now;
         self.round_lost = 0;
         self.round_delivered = 0;
@@ -253,7 +256,10 @@ impl Rate {
             return;
         }
         // Only a round that measured something says the path is full.
-        let Some(bw) = self.bandwidth().filter(|_| std::mem::take(&mut self.sampled)) else {
+        let Some(bw) = self
+            .bandwidth()
+            .filter(|_| std::mem::take(&mut self.sampled))
+        else {
             return;
         };
         if bw > self.full_bw * 1.25 {

@@ -265,9 +265,7 @@ impl Inbound {
     /// The report to send now, if one is due.
     pub fn poll_report(&mut self, now: Instant) -> Option<Report> {
         self.mature(now);
-        let Some(largest) = self.largest else {
-            return None;
-        };
+        let largest = self.largest?;
         let due = self.reported_at.is_none_or(|t| now >= t + REPORT_EVERY);
         if !(self.news && due) && self.lost.is_empty() {
             return None;
@@ -320,7 +318,13 @@ mod tests {
         let parts = [(2, 60..100usize), (0, 0..30), (0, 0..30), (1, 30..60)];
         let mut got = None;
         for (n, (c, r)) in parts.iter().enumerate() {
-            let a = i.on_datagram(&h(*c, 5, 100, r.start as u32), &data[r.clone()], 0, t, |_| true);
+            let a = i.on_datagram(
+                &h(*c, 5, 100, r.start as u32),
+                &data[r.clone()],
+                0,
+                t,
+                |_| true,
+            );
             if n < 3 {
                 assert_eq!(a, Arrival::Part);
             } else {

@@ -241,11 +241,14 @@ impl Lane {
         let Some(f) = self.flows.get_mut(&w) else {
             return false;
         };
-        f.pieces.insert(id, Piece {
-            data,
-            flags,
-            next: 0,
-        });
+        f.pieces.insert(
+            id,
+            Piece {
+                data,
+                flags,
+                next: 0,
+            },
+        );
         self.fresh.push_back((w, id));
         true
     }
@@ -415,7 +418,8 @@ impl Lane {
         // The delivery rate as rx measured it, where the path delivers: the
         // reports themselves come back late and in bursts.
         if r.rate_kib > 0 {
-            self.rate.on_sample(f64::from(r.rate_kib) * 1024.0, false, now);
+            self.rate
+                .on_sample(f64::from(r.rate_kib) * 1024.0, false, now);
         }
         self.rate.on_ack(delivered, lost, self.inflight, now);
         #[cfg(test)]
@@ -476,8 +480,16 @@ impl Lane {
             f.heard_at = Some(now);
             // The newest range still in flight goes again; what rx then
             // reports brings the rest.
-            let newest = f.sent.iter().rev().flatten().find(|s| f.pieces.contains_key(&s.piece));
-            if let Some(&Sent { piece, offset, len, .. }) = newest {
+            let newest = f
+                .sent
+                .iter()
+                .rev()
+                .flatten()
+                .find(|s| f.pieces.contains_key(&s.piece));
+            if let Some(&Sent {
+                piece, offset, len, ..
+            }) = newest
+            {
                 f.resend(piece, offset, len, true);
             }
         }
@@ -516,7 +528,13 @@ impl Lane {
                 )
             })
             .collect();
-        format!("fresh {:?} inflight {} window {} {}", self.fresh, self.inflight, self.rate.window(), flows.join("; "))
+        format!(
+            "fresh {:?} inflight {} window {} {}",
+            self.fresh,
+            self.inflight,
+            self.rate.window(),
+            flows.join("; ")
+        )
     }
 
     /// Bytes in flight.

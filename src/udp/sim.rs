@@ -80,7 +80,9 @@ impl Rng {
 }
 
 fn piece_bytes(id: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u64 ^ id.wrapping_mul(131)) as u8).collect()
+    (0..len)
+        .map(|i| (i as u64 ^ id.wrapping_mul(131)) as u8)
+        .collect()
 }
 
 fn run(case: Case) -> Outcome {
@@ -94,10 +96,7 @@ fn run(case: Case) -> Outcome {
     // round trips, on top of the one being sent.
     let bdp = rate * Duration::from_millis(case.rtt_ms).as_secs_f64();
     let allowed = ((2.0 * bdp / case.workers as f64 / piece_len as f64).ceil() as usize).max(2) + 1;
-    let dark = |t: Instant| {
-        case.dark
-            .is_some_and(|(a, b)| t >= t0 + a && t < t0 + b)
-    };
+    let dark = |t: Instant| case.dark.is_some_and(|(a, b)| t >= t0 + a && t < t0 + b);
     // A message sent on the control channel at `t` arrives after the delay,
     // and not before the dark spell it was sent in ends.
     let control = |t: Instant| {
@@ -204,8 +203,12 @@ fn run(case: Case) -> Outcome {
             match e {
                 Event::Datagram(h, bytes) => {
                     let w = (h.token - 1) as usize;
-                    meter.add(crate::protocol::datagram::HEADER_LEN + 16 + bytes.len() + IP_UDP, now);
-                    let arrival = inbound[w].on_datagram(&h, &bytes, delivered_below, now, |_| true);
+                    meter.add(
+                        crate::protocol::datagram::HEADER_LEN + 16 + bytes.len() + IP_UDP,
+                        now,
+                    );
+                    let arrival =
+                        inbound[w].on_datagram(&h, &bytes, delivered_below, now, |_| true);
                     if let Arrival::Whole(p) = arrival {
                         assert!(!whole[p.id as usize], "piece {} put together twice", p.id);
                         assert_eq!(p.data, piece_bytes(p.id, p.data.len()), "piece {}", p.id);
@@ -256,7 +259,11 @@ fn case(mbit: f64, rtt_ms: u64, loss: f64) -> Case {
 
 #[test]
 fn one_case_traced() {
-    let c: Vec<f64> = std::env::var("SIM_CASE").unwrap_or("1000,0,0".into()).split(',').map(|x| x.parse().unwrap()).collect();
+    let c: Vec<f64> = std::env::var("SIM_CASE")
+        .unwrap_or("1000,0,0".into())
+        .split(',')
+        .map(|x| x.parse().unwrap())
+        .collect();
     let case = case(c[0], c[1] as u64, c[2]);
     let o = run(case);
     println!("{o:?} {:.2}", efficiency(&case, &o));
@@ -281,10 +288,11 @@ fn the_grid_completes_exactly_near_the_link_rate() {
                 ));
                 // Short transfers on long paths spend their first round
                 // trips finding the rate: judge those more gently.
-                let floor = match (c.bytes as f64 * 8.0 / (mbit * 1e6)) / (rtt.max(1) as f64 / 1000.0) {
-                    r if r < 40.0 => 0.35,
-                    _ => 0.75,
-                };
+                let floor =
+                    match (c.bytes as f64 * 8.0 / (mbit * 1e6)) / (rtt.max(1) as f64 / 1000.0) {
+                        r if r < 40.0 => 0.35,
+                        _ => 0.75,
+                    };
                 // What goes again: the random loss, and the queue overflowing
                 // while the rate is found and probed (a 64 KiB queue on the
                 // shortest paths).
@@ -313,7 +321,11 @@ fn a_path_that_goes_dark_stops_taking_datagrams_and_the_transfer_resumes() {
         "ten dark seconds cost {extra:?}"
     );
     // One window and a few probes, not ten seconds of the rate.
-    assert!(o.sent_in_dark < 2000, "{} datagrams into the dark", o.sent_in_dark);
+    assert!(
+        o.sent_in_dark < 2000,
+        "{} datagrams into the dark",
+        o.sent_in_dark
+    );
 }
 
 #[test]
