@@ -394,6 +394,13 @@ fn loopback() -> String {
             reports_port: true,
         });
     }
+    // The datagram plane on a path with no loss and no delay: its cost.
+    tools.push(Tool {
+        name: "viamillipede --udp (threads 16)".into(),
+        rx: Box::new(move |_, out| format!("{vm} rx 127.0.0.1:0 > {}", q(out))),
+        tx: Box::new(move |port, inp| format!("{vm} tx 127.0.0.1 {port} --udp < {}", q(inp))),
+        reports_port: true,
+    });
     // The cost of authentication plus AES-256-GCM on every frame.
     let key = key_file(&dir).display().to_string();
     let key2 = key.clone();
