@@ -54,6 +54,7 @@ fn main() {
             "multipath" => report.push_str(&wan::multipath()),
             "slow" => report.push_str(&wan::slow()),
             "longhaul" => report.push_str(&wan::longhaul()),
+            "fairness" => report.push_str(&wan::fair()),
             "all" => {
                 report.push_str(&loopback());
                 report.push_str(&wan::wan());
@@ -63,7 +64,7 @@ fn main() {
             }
             other => {
                 eprintln!(
-                    "unknown scenario {other:?}; known: loopback, wan, slow, multipath, longhaul, all, validate"
+                    "unknown scenario {other:?}; known: loopback, wan, slow, multipath, longhaul, fairness, all, validate"
                 );
                 std::process::exit(2);
             }

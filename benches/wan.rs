@@ -748,6 +748,17 @@ pub fn longhaul() -> String {
     report
 }
 
+/// Only the fairness run of [`longhaul`].
+pub fn fair() -> String {
+    if !can_run("fairness") {
+        return "### fairness: skipped (needs root)\n\n".into();
+    }
+    require(PEERS);
+    let spec = PathSpec::new(200, 50.0, 0.0);
+    let wan = Wan::new(&[spec], "cubic", SEED).expect("build the emulated WAN");
+    fairness(&wan, &crate::bench_dir())
+}
+
 /// `--udp` sharing a clean 200 Mbit/s 50 ms path with one iperf3 (cubic)
 /// flow for 30 s: each one's goodput over those 30 s.
 fn fairness(wan: &Wan, dir: &Path) -> String {

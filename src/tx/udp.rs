@@ -77,7 +77,7 @@ impl Path {
                 let l = &s.lane;
                 let r = l.rate();
                 log::debug!(
-                    "udp {}: pacing {:.1} Mbit/s, delivery {:.1} Mbit/s, rtt {:?} (min {:?}), {} KiB in flight of {} KiB; {} datagrams, {} sent again, {} probes{}",
+                    "udp {}: pacing {:.1} Mbit/s, delivery {:.1} Mbit/s, rtt {:?} (min {:?}), {} KiB in flight of {} KiB; {} datagrams, {} sent again, {} probes, gave way {}{}",
                     self.addr,
                     r.pacing_rate() * 8e-6,
                     r.bandwidth().unwrap_or(0.0) * 8e-6,
@@ -88,6 +88,7 @@ impl Path {
                     l.sent,
                     l.resent,
                     l.probes,
+                    r.yields,
                     if r.in_startup() { ", starting" } else { "" }
                 );
             }

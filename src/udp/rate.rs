@@ -16,6 +16,17 @@
 //!   delivery rate: the first probes for more, the second drains what the
 //!   probe queued. A round trip losing more than [`LOSS_LIMIT`] takes the
 //!   estimate down to what was just delivered.
+//! - **Giving way** (LEDBAT's rule): two round trips in a row whose
+//!   shortest round trip stands well above the path's (by the larger of
+//!   5 ms, an eighth of it, or four datagrams at the rate) found a standing
+//!   queue, which random loss never builds and a loss-based flow sharing
+//!   the path does. Each such round takes the estimate down by
+//!   [`YIELD_BETA`] and holds it there; in startup it only ends startup.
+//!   Once the queue is gone, probe and drain alternate while each probe
+//!   still finds more, so the rate comes back within a few round trips of
+//!   the other flow leaving. On a path of its own the rate stays at the
+//!   link's, whatever the random loss; beside a TCP flow it takes less
+//!   than that flow.
 //!
 //! The window (bytes in flight) is twice the path's delivery rate times its
 //! shortest round trip plus the receiver's report interval: a path that
@@ -45,11 +56,20 @@ pub const MIN_RATE: f64 = 16.0 * 1024.0;
 /// The delivery rate is the best of this many round trips.
 const BW_ROUNDS: u32 = 10;
 /// The shortest round trip is the shortest seen in this long.
-const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+const MIN_RTT_WINDOW: Duration = Duration::from_secs(30);
 /// The shortest a round (and a cruise phase) is counted as: two of the
 /// receiver's rate windows ([`super::recv::METER_WINDOW`]), or a probe would
 /// be averaged away before it is measured.
 const MIN_ROUND: Duration = Duration::from_millis(100);
+/// A round whose shortest round trip exceeds the path's by this much, by
+/// [`QUEUE_SHARE`] of it, or by [`QUEUE_BYTES`] at the delivery rate,
+/// whichever is most, found a standing queue: the path is shared with a
+/// flow that fills it (LEDBAT's signal; random loss never raises it).
+const QUEUE_DELAY: Duration = Duration::from_millis(5);
+const QUEUE_SHARE: u32 = 8;
+const QUEUE_BYTES: f64 = 4.0 * 1500.0;
+/// A queued round takes the estimate down by this factor.
+pub const YIELD_BETA: f64 = 0.85;
 /// The receiver reports at most this often; the window covers it.
 pub const REPORT_EVERY: Duration = Duration::from_millis(5);
 
@@ -69,6 +89,9 @@ pub struct Rate {
     min_rtt: Option<(Duration, Instant)>,
     srtt: Option<Duration>,
     cap: Option<f64>,
+    /// While rounds find a standing queue: what the estimate may not
+    /// exceed (samples then show what was sent before the path filled).
+    ceiling: Option<f64>,
     /// Startup: the best rate when it last grew by a quarter, and how many
     /// rounds since.
     full_bw: f64,
@@ -76,10 +99,18 @@ pub struct Rate {
     round_start: Instant,
     round_lost: u64,
     round_delivered: u64,
+    /// The shortest round trip measured this round, and last round.
+    round_min_rtt: Option<Duration>,
+    last_min_rtt: Option<Duration>,
+    /// After giving way: the rate before the last probe, while each probe
+    /// still finds more (the cycle is then probe and drain only).
+    fast: Option<f64>,
     phase: usize,
     phase_start: Instant,
     /// A delivery rate arrived this round.
     sampled: bool,
+    /// Rounds that found a standing queue and gave way.
+    pub yields: u64,
 }
 
 impl Rate {
@@ -91,14 +122,19 @@ impl Rate {
             min_rtt: None,
             srtt: None,
             cap,
+            ceiling: None,
             full_bw: 0.0,
             full_rounds: 0,
             round_start: now,
             round_lost: 0,
             round_delivered: 0,
+            round_min_rtt: None,
+            last_min_rtt: None,
+            fast: None,
             phase: 0,
             phase_start: now,
             sampled: false,
+            yields: 0,
         }
     }
 
@@ -168,6 +204,7 @@ impl Rate {
             Some(s) => (s * 7 + rtt) / 8,
             None => rtt,
         });
+        self.round_min_rtt = Some(self.round_min_rtt.map_or(rtt, |m| m.min(rtt)));
         let stale = self
             .min_rtt
             .is_none_or(|(d, at)| rtt <= d || now.duration_since(at) > MIN_RTT_WINDOW);
@@ -186,6 +223,7 @@ impl Rate {
         if app_limited && self.bandwidth().is_some_and(|b| bw < b) {
             return;
         }
+        let bw = self.ceiling.map_or(bw, |c| bw.min(c));
         self.sampled = true;
         let horizon = self.round() * BW_ROUNDS;
         while self
@@ -225,6 +263,15 @@ impl Rate {
                 if now.duration_since(self.phase_start) >= phase {
                     self.phase = (self.phase + 1) % CYCLE.len();
                     self.phase_start = now;
+                    if let Some(before) = self.fast.filter(|_| self.phase == 2) {
+                        let bw = self.bandwidth().unwrap_or(0.0);
+                        if bw > before * 1.1 {
+                            self.phase = 0;
+                            self.fast = Some(bw);
+                        } else {
+                            self.fast = None;
+                        }
+                    }
                 }
             }
             Mode::Startup => {}
@@ -239,6 +286,20 @@ impl Rate {
         self.round_start = now;
         self.round_lost = 0;
         self.round_delivered = 0;
+        // Two rounds in a row, so that a probe's own queue (which the next
+        // phase drains) is not taken for someone else's.
+        let this = self.round_min_rtt.take();
+        let two = match (this, std::mem::replace(&mut self.last_min_rtt, this)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        };
+        let queued = match (two, self.min_rtt(), self.bandwidth()) {
+            (Some(round), Some(base), Some(bw)) => {
+                let serial = Duration::from_secs_f64(QUEUE_BYTES / bw);
+                round > base + QUEUE_DELAY.max(base / QUEUE_SHARE).max(serial)
+            }
+            _ => false,
+        };
 
         if lossy {
             // Over-full: down to what got through this round, but by no more
@@ -250,6 +311,35 @@ impl Rate {
             if self.mode == Mode::Startup {
                 self.mode = Mode::Drain;
             }
+            return;
+        }
+        if queued && self.mode == Mode::Startup {
+            // Startup's own queue: the path is full; drain it.
+            self.mode = Mode::Drain;
+            return;
+        }
+        if queued {
+            // Someone else's queue (or a probe's that outlived its drain):
+            // give way, and do not probe into it.
+            if let Some(bw) = self.bandwidth() {
+                let next = (bw * YIELD_BETA).max(MIN_RATE);
+                self.ceiling = Some(next);
+                self.bw.clear();
+                self.bw.push_back((now, next));
+            }
+            self.fast = None;
+            self.yields += 1;
+            if self.mode == Mode::Cruise && self.phase == 0 {
+                self.phase = 1;
+            }
+            return;
+        }
+        if self.ceiling.take().is_some() && self.mode == Mode::Cruise {
+            // The queue is gone: whoever filled it left, or gave way. Probe
+            // and drain in turn, not once a cycle, while probing finds more.
+            self.fast = Some(self.bandwidth().unwrap_or(0.0));
+            self.phase = 0;
+            self.phase_start = now;
             return;
         }
         if self.mode != Mode::Startup {

@@ -21,6 +21,8 @@ struct Case {
     /// The path drops everything in this spell (from, to) after the start.
     dark: Option<(Duration, Duration)>,
     workers: usize,
+    /// A competing TCP flow (CUBIC) through the same queue over this spell.
+    tcp: Option<(Duration, Duration)>,
 }
 
 #[derive(Debug)]
@@ -33,6 +35,12 @@ struct Outcome {
     sent_in_dark: u64,
     /// Highest bytes in flight.
     peak_inflight: u64,
+    /// Bytes the datagrams and the TCP flow delivered while both ran.
+    shared: (u64, u64),
+    /// How long both ran.
+    overlap: Duration,
+    /// Bytes the datagrams had delivered when the TCP flow ended.
+    acked_then: u64,
 }
 
 enum Event {
@@ -42,6 +50,74 @@ enum Event {
     Report(usize, Report),
     /// rx's acknowledgement of a piece reaches tx.
     Ack(usize, u64),
+    /// The competing TCP flow's acknowledgement of a segment reaches it.
+    TcpAck,
+    /// The competing flow learns (by duplicate acknowledgements) that a
+    /// segment was dropped.
+    TcpLoss,
+}
+
+/// A bulk TCP flow with CUBIC's window (RFC 9438, without its
+/// Reno-friendly region or fast convergence): what a shared path's other
+/// user does. Segments of [`Tcp::SEGMENT`] bytes, one window cut per round
+/// trip however many segments the round lost.
+struct Tcp {
+    cwnd: f64,
+    ssthresh: f64,
+    w_max: f64,
+    epoch: Instant,
+    inflight: u64,
+    last_cut: Option<Instant>,
+    rtt: Duration,
+    delivered: u64,
+}
+
+impl Tcp {
+    const SEGMENT: usize = 1500;
+    const C: f64 = 0.4;
+    const BETA: f64 = 0.7;
+
+    fn new(rtt: Duration, now: Instant) -> Tcp {
+        Tcp {
+            cwnd: 10.0,
+            ssthresh: f64::INFINITY,
+            w_max: 0.0,
+            epoch: now,
+            inflight: 0,
+            last_cut: None,
+            rtt: rtt.max(Duration::from_millis(1)),
+            delivered: 0,
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant) {
+        self.inflight -= 1;
+        self.delivered += Self::SEGMENT as u64;
+        if self.cwnd < self.ssthresh {
+            self.cwnd += 1.0;
+            return;
+        }
+        let k = (self.w_max * (1.0 - Self::BETA) / Self::C).cbrt();
+        let t = (now - self.epoch + self.rtt).as_secs_f64() - k;
+        let target = Self::C * t * t * t + self.w_max;
+        if target > self.cwnd {
+            self.cwnd += ((target - self.cwnd) / self.cwnd).min(0.5);
+        } else {
+            self.cwnd += 0.01 / self.cwnd;
+        }
+    }
+
+    fn on_loss(&mut self, now: Instant) {
+        self.inflight -= 1;
+        if self.last_cut.is_some_and(|at| now - at < self.rtt) {
+            return;
+        }
+        self.last_cut = Some(now);
+        self.w_max = self.cwnd;
+        self.cwnd = (self.cwnd * Self::BETA).max(2.0);
+        self.ssthresh = self.cwnd;
+        self.epoch = now;
+    }
 }
 
 struct Queue {
@@ -125,6 +201,7 @@ fn run(case: Case) -> Outcome {
     let mut unacked: Vec<Vec<u64>> = vec![Vec::new(); case.workers];
     let mut pending: Vec<Option<u64>> = vec![None; case.workers];
     let mut acked = 0u64;
+    let mut acked_bytes = 0u64;
     let mut whole = vec![false; pieces as usize];
     let mut delivered_below = 0u64;
     let mut now = t0;
@@ -134,7 +211,13 @@ fn run(case: Case) -> Outcome {
         resent: 0,
         sent_in_dark: 0,
         peak_inflight: 0,
+        shared: (0, 0),
+        overlap: Duration::ZERO,
+        acked_then: 0,
     };
+    let mut tcp: Option<Tcp> = None;
+    let mut shared_from = (0u64, 0u64);
+    let tcp_on = |t: Instant| case.tcp.is_some_and(|(a, b)| t >= t0 + a && t < t0 + b);
     let deadline = t0 + Duration::from_secs(3600);
     let mut same = (now, 0u64);
     let trace = std::env::var("SIM_TRACE").is_ok();
@@ -161,6 +244,35 @@ fn run(case: Case) -> Outcome {
                 unacked[w].push(id);
             }
         }
+        match (&mut tcp, tcp_on(now)) {
+            (None, true) => {
+                tcp = Some(Tcp::new(Duration::from_millis(case.rtt_ms), now));
+                shared_from = (acked_bytes, 0);
+            }
+            (Some(c), false) if out.overlap.is_zero() => {
+                out.overlap = now - t0 - case.tcp.map_or(Duration::ZERO, |(a, _)| a);
+                out.shared = (acked_bytes - shared_from.0, c.delivered);
+                out.acked_then = acked_bytes;
+            }
+            _ => {}
+        }
+        if let Some(c) = tcp.as_mut().filter(|_| tcp_on(now)) {
+            while (c.inflight as f64) < c.cwnd.floor() {
+                c.inflight += 1;
+                let wire = Tcp::SEGMENT as f64;
+                let queued = (busy_until.saturating_duration_since(now)).as_secs_f64() * rate;
+                if dark(now) || queued + wire > queue_limit || rng.unit() < case.loss {
+                    // Three segments later the duplicate acknowledgements say so.
+                    q.push(
+                        now + 2 * one_way + Duration::from_secs_f64(3.0 * wire / rate),
+                        Event::TcpLoss,
+                    );
+                    continue;
+                }
+                busy_until = busy_until.max(now) + Duration::from_secs_f64(wire / rate);
+                q.push(busy_until + 2 * one_way, Event::TcpAck);
+            }
+        }
         while let Some(t) = lane.poll_transmit(now) {
             out.sent += 1;
             if dark(now) {
@@ -179,7 +291,7 @@ fn run(case: Case) -> Outcome {
         if trace && now >= traced + Duration::from_millis(20) {
             traced = now;
             let r = lane.rate();
-            eprintln!("{:>8.3}s acked {acked} rate {:.0} bw {:?} window {} inflight {} srtt {:?} min {:?} startup {} sent {} resent {}", (now - t0).as_secs_f64(), r.pacing_rate(), r.bandwidth(), r.window(), lane.inflight(), r.srtt(), r.min_rtt(), r.in_startup(), lane.sent, lane.resent);
+            eprintln!("{:>8.3}s acked {acked} rate {:.0} bw {:?} window {} inflight {} srtt {:?} min {:?} startup {} sent {} resent {} tcp {:?}", (now - t0).as_secs_f64(), r.pacing_rate(), r.bandwidth(), r.window(), lane.inflight(), r.srtt(), r.min_rtt(), r.in_startup(), lane.sent, lane.resent, tcp.as_ref().map(|c| (c.cwnd as u64, c.delivered)));
         }
         let _ = lane.take_effects();
         // The next thing to happen.
@@ -224,7 +336,10 @@ fn run(case: Case) -> Outcome {
                     lane.acked(w, id);
                     unacked[w].retain(|&p| p != id);
                     acked += 1;
+                    acked_bytes += piece_len.min(case.bytes - id as usize * piece_len) as u64;
                 }
+                Event::TcpAck => tcp.as_mut().expect("a flow").on_ack(now),
+                Event::TcpLoss => tcp.as_mut().expect("a flow").on_loss(now),
             }
         }
         for (w, i) in inbound.iter_mut().enumerate() {
@@ -233,6 +348,10 @@ fn run(case: Case) -> Outcome {
                 q.push(control(now), Event::Report(w, r));
             }
         }
+    }
+    if let Some(c) = tcp.as_ref().filter(|_| out.overlap.is_zero()) {
+        out.overlap = now - t0 - case.tcp.map_or(Duration::ZERO, |(a, _)| a);
+        out.shared = (acked_bytes - shared_from.0, c.delivered);
     }
     out.done = now - t0;
     out.resent = lane.resent;
@@ -254,6 +373,7 @@ fn case(mbit: f64, rtt_ms: u64, loss: f64) -> Case {
         bytes: ((mbit * 1e6 / 8.0 * seconds) as usize).clamp(256 << 10, 256 << 20),
         dark: None,
         workers: 4,
+        tcp: None,
     }
 }
 
@@ -264,7 +384,14 @@ fn one_case_traced() {
         .split(',')
         .map(|x| x.parse().unwrap())
         .collect();
-    let case = case(c[0], c[1] as u64, c[2]);
+    let mut case = case(c[0], c[1] as u64, c[2]);
+    if let Some(&from) = c.get(3) {
+        case.bytes = (c[0] * 1e6 / 8.0 * 40.0) as usize;
+        case.tcp = Some((
+            Duration::from_secs_f64(from),
+            Duration::from_secs_f64(from + 30.0),
+        ));
+    }
     let o = run(case);
     println!("{o:?} {:.2}", efficiency(&case, &o));
 }
@@ -338,4 +465,35 @@ fn one_connection_or_many_share_the_path() {
         println!("{workers} connections: {o:?}, {e:.2}");
         assert!(e >= 0.75, "{workers}: {e:.2}");
     }
+}
+
+#[test]
+fn a_competing_tcp_flow_gets_its_share() {
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for (mbit, rtt) in [(20.0, 50), (100.0, 50), (100.0, 150)] {
+        let mut c = case(mbit, rtt, 0.0);
+        c.bytes = (mbit * 1e6 / 8.0 * 40.0) as usize;
+        c.tcp = Some((Duration::from_secs(5), Duration::from_secs(35)));
+        let o = run(c);
+        let secs = o.overlap.as_secs_f64();
+        let (udp, tcp) = (
+            o.shared.0 as f64 * 8e-6 / secs,
+            o.shared.1 as f64 * 8e-6 / secs,
+        );
+        // Once the TCP flow is gone the datagrams take the path again.
+        let rest = (c.bytes as u64 - o.acked_then) as f64;
+        let after = rest * 8e-6 / (o.done.as_secs_f64() - 35.0).max(1e-3);
+        rows.push(format!(
+            "{mbit:>6} Mbit/s {rtt:>3} ms: over {secs:.1} s datagrams {udp:.1} Mbit/s, TCP {tcp:.1} Mbit/s, {:.2} x; alone again {after:.1} Mbit/s",
+            udp / tcp.max(0.01)
+        ));
+        // Yielding, as LEDBAT does: never more than the TCP flow's share,
+        // and together they fill the path.
+        if udp > tcp || udp + tcp < 0.8 * mbit || after < 0.7 * mbit {
+            failed.push(rows.last().unwrap().clone());
+        }
+    }
+    println!("{}", rows.join("\n"));
+    assert!(failed.is_empty(), "unfair:\n{}", failed.join("\n"));
 }
