@@ -5,6 +5,10 @@
 //! twins (`--rx 8834 --threads 4`) before clap sees them, so both spellings
 //! share one definition, one validation and one `--help`.
 
+// The options' doc comments are clap's help text, written for a terminal:
+// `[V6ADDR]:PORT` there is not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use crate::config::{self, Config, Destination, Mode, Pacing, SocketOptions, Tunnel};
 use crate::crypto::Key;
 use crate::error::Error;
@@ -830,6 +834,7 @@ impl Cli {
                 rate: self.rate,
             },
             local_receiver: None,
+            signals: true,
             mode,
             threads,
             auto_threads,

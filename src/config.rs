@@ -185,6 +185,10 @@ pub struct Config {
     /// on both hosts, a connection relayed back to its own process would
     /// otherwise prove the key).
     pub local_receiver: Option<[u8; 8]>,
+    /// Whether this run owns the process's signals: SIGUSR1 reports,
+    /// SIGINT and SIGTERM stop (the command line); a library caller's
+    /// process keeps its own.
+    pub signals: bool,
 }
 
 /// How tx cuts its input into feet and paces them.
@@ -201,6 +205,79 @@ pub struct Pacing {
 }
 
 impl Config {
+    /// A configuration with every option at the command line's default.
+    pub fn new(mode: Mode) -> Config {
+        Config {
+            mode,
+            threads: DEFAULT_THREADS,
+            auto_threads: false,
+            verbose: 0,
+            checkphrase: *b"\0\0\0\0",
+            foot_size: DEFAULT_FOOT,
+            window: DEFAULT_WINDOW,
+            inflight: DEFAULT_INFLIGHT,
+            reconnect_timeout: DEFAULT_RECONNECT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            key: None,
+            encrypt: false,
+            udp: false,
+            datagram_size: None,
+            warnings: Vec::new(),
+            ignored: Vec::new(),
+            prbs: None,
+            checksums: false,
+            chaos: None,
+            socket: SocketOptions::default(),
+            compress: None,
+            display: crate::monitor::Display::default(),
+            stats_json: None,
+            pacing: Pacing::default(),
+            local_receiver: None,
+            signals: true,
+        }
+    }
+
+    /// Checks the options the command line checks as it parses them, for
+    /// a configuration built in code.
+    pub fn validate(&self) -> crate::error::Result<()> {
+        use crate::error::Error::Usage;
+        let max_threads = if self.auto_threads {
+            AUTO_MAX_THREADS
+        } else {
+            64
+        };
+        if self.threads == 0 || self.threads > max_threads {
+            return Err(Usage(format!(
+                "threads: {} is out of range: give 1 to {max_threads}",
+                self.threads
+            )));
+        }
+        if !(1024..=crate::protocol::MAX_FOOT).contains(&self.foot_size) {
+            return Err(Usage(format!(
+                "foot size: {} is out of range: give 1 KiB to 64 MiB",
+                self.foot_size
+            )));
+        }
+        if !(2..=crate::protocol::MAX_WINDOW).contains(&self.window) {
+            return Err(Usage(format!(
+                "window: {} is out of range: give 2 to {}",
+                self.window,
+                crate::protocol::MAX_WINDOW
+            )));
+        }
+        if self.encrypt && self.key.is_none() {
+            return Err(Usage(
+                "encryption needs a key: both sides must hold it".into(),
+            ));
+        }
+        if let Some(level) = self.compress.filter(|l| !(-7..=19).contains(l)) {
+            return Err(Usage(format!(
+                "compress: level {level} is out of range: give -7 to 19"
+            )));
+        }
+        Ok(())
+    }
+
     /// The log level `verbose N` maps onto.
     pub fn log_level(&self) -> log::LevelFilter {
         match self.verbose {

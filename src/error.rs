@@ -21,7 +21,7 @@ pub enum Error {
     Usage(String),
     /// An operation on a file, pipe or socket failed.
     Io {
-        /// What was being done ("read stdin", "listen on [::]:8834").
+        /// What was being done (`read stdin`, `listen on [::]:8834`).
         context: String,
         /// The operating system's error.
         source: io::Error,
@@ -38,6 +38,8 @@ pub enum Error {
     Sender(String),
     /// Stopped by this signal (SIGINT, SIGTERM).
     Interrupted(i32),
+    /// The program using the library aborted the stream, for this reason.
+    Aborted(String),
     /// The far side of `viamillipede ssh` (ssh, the far viamillipede or the
     /// command it ran) failed; the message says which.
     Remote(String),
@@ -75,6 +77,7 @@ impl fmt::Display for Error {
             Error::Peer(m) => write!(f, "receiver: {m}"),
             Error::Sender(m) => write!(f, "sender: {m}"),
             Error::Interrupted(sig) => write!(f, "stopped by {}", signal_name(*sig)),
+            Error::Aborted(m) => write!(f, "aborted: {m}"),
         }
     }
 }

@@ -5,10 +5,18 @@
 //! to ranked destinations; `rx` puts them back in order on stdout. Feet stay
 //! with the sender until the receiver acknowledges them, so a dropped
 //! connection costs a resend, never data.
+//!
+//! As a library: a [`Sender`] is an `io::Write` whose bytes go to a
+//! [`Receiver`]'s [`Flow`], an `io::Read`; [`Sender::finish`] returns only
+//! once the receiver has written every byte. Their builders take the
+//! command line's options; nothing they do is process-wide (no signal
+//! handlers, no exit). The other modules are public for the binary and the
+//! tests, and may change.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod api;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -30,6 +38,7 @@ pub mod tx;
 pub mod udp;
 pub mod wire;
 
+pub use api::{Flow, Receiver, ReceiverBuilder, Sender, SenderBuilder};
 use config::{Config, Mode};
 use std::time::Duration;
 

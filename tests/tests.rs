@@ -8,6 +8,7 @@ mod emulator_checks;
 mod ends;
 mod hostile;
 mod keywords;
+mod library;
 mod observe;
 mod reverse;
 mod security;

@@ -196,8 +196,13 @@ fn receive_from(
             stopped.end(Progress::Failed(why));
             let _ = events.send(Event::Finished(Err(Error::Interrupted(sig))));
         };
-        Reporter::spawn(move || report(&state), stop)
-            .map_err(|e| Error::io("install signal handlers", e))?
+        match config.signals {
+            true => Some(
+                Reporter::spawn(move || report(&state), stop)
+                    .map_err(|e| Error::io("install signal handlers", e))?,
+            ),
+            false => None,
+        }
     };
     {
         let (state, events) = (Arc::clone(&state), events_tx.clone());
@@ -333,7 +338,11 @@ fn receive_from(
     }
     // Waits for a foot being written, so the output ends on a foot's end.
     state.close_output();
-    record_side(&state, monitor.map(Monitor::finish).unwrap_or_default());
+    let throughput = monitor.map(Monitor::finish).unwrap_or_default();
+    // Kept for the stats document only: a library's receivers leave none.
+    if config.stats_json.is_some() {
+        record_side(&state, throughput);
+    }
     if config.verbose >= 2 {
         log::debug!("{}", report(&state).trim_end());
     }

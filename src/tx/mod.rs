@@ -287,14 +287,19 @@ pub fn send(
             Arc::clone(&read),
         );
         let stop = Arc::clone(&window);
-        Reporter::spawn(
-            move || report(&window, &links, &clock, read.load(Relaxed), accepting),
-            move |sig| {
-                let why = format!("stopped by {}", crate::error::signal_name(sig));
-                stop.cancel(why, Error::Interrupted(sig));
-            },
-        )
-        .map_err(|e| Error::io("install signal handlers", e))?
+        match config.signals {
+            true => Some(
+                Reporter::spawn(
+                    move || report(&window, &links, &clock, read.load(Relaxed), accepting),
+                    move |sig| {
+                        let why = format!("stopped by {}", crate::error::signal_name(sig));
+                        stop.cancel(why, Error::Interrupted(sig));
+                    },
+                )
+                .map_err(|e| Error::io("install signal handlers", e))?,
+            ),
+            false => None,
+        }
     };
 
     {
@@ -379,17 +384,20 @@ pub fn send(
 
     let sent = read.load(Relaxed);
     let throughput = monitor.finish();
-    report::record(report::Side {
-        role: "tx",
-        payload_bytes: sent,
-        wire_bytes: links.iter().map(Link::wire_bytes).sum(),
-        seconds: clock.elapsed().as_secs_f64(),
-        feet: links.iter().map(Link::feet).sum(),
-        retransmits: window.snapshot().retransmits,
-        reconnects: links.iter().map(Link::reconnects).sum(),
-        throughput,
-        connections: links.iter().map(report::Connection::from).collect(),
-    });
+    // Kept for the stats document only: a library's senders leave none.
+    if config.stats_json.is_some() {
+        report::record(report::Side {
+            role: "tx",
+            payload_bytes: sent,
+            wire_bytes: links.iter().map(Link::wire_bytes).sum(),
+            seconds: clock.elapsed().as_secs_f64(),
+            feet: links.iter().map(Link::feet).sum(),
+            retransmits: window.snapshot().retransmits,
+            reconnects: links.iter().map(Link::reconnects).sum(),
+            throughput,
+            connections: links.iter().map(report::Connection::from).collect(),
+        });
+    }
     if config.verbose >= 2 {
         log::debug!(
             "{}",
@@ -484,7 +492,14 @@ fn ingest(
 
 /// Ends the transfer because the input failed, telling the receiver why.
 fn stdin_failed(window: &Window, e: std::io::Error) {
-    window.cancel(format!("read stdin: {e}"), Error::io("read stdin", e));
+    let aborted = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<crate::api::Aborted>())
+        .map(|a| a.0.clone());
+    match aborted {
+        Some(why) => window.cancel(format!("aborted: {why}"), Error::Aborted(why)),
+        None => window.cancel(format!("read stdin: {e}"), Error::io("read stdin", e)),
+    }
 }
 
 /// Ends the run with an error if a worker thread panics, so the peer is

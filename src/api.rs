@@ -1,0 +1,647 @@
+//! The library's entry points: a [`Sender`] that other programs write a
+//! stream into, and a [`Receiver`] whose [`Flow`] they read it back from,
+//! byte-exact and in order, over as many TCP connections (or `--udp`
+//! datagrams) as the sender is built with. The command line's `tx` and `rx`
+//! use the same engine with stdin and stdout.
+//!
+//! Nothing here is process-wide: no signal handlers, no exit, no logger
+//! (log records go to whatever `log` backend the program installed).
+
+use crate::config::{Config, Destination, Mode, SocketOptions};
+use crate::crypto::Key;
+use crate::error::{Error, Result};
+use crate::Summary;
+use crossbeam_channel::{Receiver as Chan, Sender as ChanTx};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Bytes a [`Sender`] gathers before handing them to the engine.
+const CHUNK: usize = 256 << 10;
+/// Chunks on their way between the caller and the engine, each way.
+const CHUNKS: usize = 16;
+
+/// How the caller's side of a [`Sender`] ended, as the engine sees it
+/// once the pipe is empty.
+#[derive(Debug)]
+enum End {
+    /// Still writing, or dropped unfinished.
+    Open,
+    /// `finish`: the end of the stream.
+    Finished,
+    /// `abort`, with the reason.
+    Aborted(String),
+}
+
+/// The reason a [`Sender`] was aborted, as the engine's input error.
+#[derive(Debug)]
+pub(crate) struct Aborted(pub String);
+
+impl std::fmt::Display for Aborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Aborted {}
+
+/// The engine's end of a [`Sender`]: chunks in, bytes out.
+struct Inlet {
+    chunks: Chan<Vec<u8>>,
+    end: Arc<Mutex<End>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for Inlet {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.chunks.recv() {
+                Ok(d) => {
+                    self.current = d;
+                    self.at = 0;
+                }
+                // The writer is gone: only `finish` makes that the end of
+                // the stream; anything else fails it.
+                Err(_) => {
+                    return match &*self.end.lock().unwrap_or_else(|p| p.into_inner()) {
+                        End::Finished => Ok(0),
+                        End::Aborted(why) => Err(io::Error::other(Aborted(why.clone()))),
+                        End::Open => Err(io::Error::other(Aborted(
+                            "the sender was dropped unfinished".into(),
+                        ))),
+                    };
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The engine's end of a [`Flow`]: what the stream writes, as chunks.
+struct Outlet(ChanTx<Vec<u8>>);
+
+impl Write for Outlet {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf.to_vec()).map_err(|_| {
+            io::Error::new(io::ErrorKind::BrokenPipe, "the flow's reader went away")
+        })?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A run of the engine on a thread of its own, and the error it ended
+/// with, readable as soon as it is known.
+struct Engine {
+    thread: Option<JoinHandle<Result<Summary>>>,
+    failure: Arc<Mutex<Option<String>>>,
+    /// Disconnected once the run has returned (its helper threads may
+    /// still hold the pipe's other end for a moment).
+    done: Chan<()>,
+}
+
+impl Engine {
+    fn spawn(name: &str, run: impl FnOnce() -> Result<Summary> + Send + 'static) -> Result<Engine> {
+        let failure = Arc::new(Mutex::new(None));
+        let told = Arc::clone(&failure);
+        let (finished, done) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _finished = finished;
+                let r = run();
+                if let Err(e) = &r {
+                    *told.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+                r
+            })
+            .map_err(|e| Error::io("start the transfer's thread", e))?;
+        Ok(Engine {
+            thread: Some(thread),
+            failure,
+            done,
+        })
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn join(&mut self) -> Result<Summary> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::Internal("the transfer's thread panicked".into())),
+            None => Err(Error::Internal("the transfer was already joined".into())),
+        }
+    }
+}
+
+/// The options both ends share.
+fn base(mode: Mode) -> Config {
+    let mut c = Config::new(mode);
+    // The caller's process, not ours: no handlers for its signals.
+    c.signals = false;
+    c
+}
+
+/// Builds a [`Sender`]: where to send, and how. Every option has the
+/// command line's default.
+#[derive(Clone, Debug)]
+pub struct SenderBuilder {
+    config: Config,
+    destinations: Vec<Destination>,
+}
+
+impl SenderBuilder {
+    /// Adds a destination, ranked after the ones already added: the first
+    /// is filled, the next used only while the ones before it are
+    /// saturated (`tx HOST PORT` on the command line).
+    pub fn destination(mut self, host: impl Into<String>, port: u16) -> SenderBuilder {
+        self.destinations.push(Destination::new(host, port));
+        self
+    }
+
+    /// Connections per destination, 1 to 64 (default 16).
+    pub fn threads(mut self, n: u16) -> SenderBuilder {
+        self.config.threads = n;
+        self.config.auto_threads = false;
+        self
+    }
+
+    /// Finds the connections per destination while sending (`threads
+    /// auto`): start with a few, double while the delivery rate grows.
+    pub fn auto_threads(mut self) -> SenderBuilder {
+        self.config.threads = crate::config::AUTO_MAX_THREADS;
+        self.config.auto_threads = true;
+        self
+    }
+
+    /// Largest foot in bytes, 1 KiB to 64 MiB (default 2 MiB).
+    pub fn foot_size(mut self, bytes: u32) -> SenderBuilder {
+        self.config.foot_size = bytes;
+        self
+    }
+
+    /// Feet that may be sent ahead of what the receiver wrote (default 64).
+    pub fn window(mut self, feet: u32) -> SenderBuilder {
+        self.config.window = feet;
+        self
+    }
+
+    /// The pre-shared key the receiver must also hold.
+    pub fn key(mut self, key: Key) -> SenderBuilder {
+        self.config.key = Some(key);
+        self
+    }
+
+    /// Encrypts the stream (needs a key).
+    pub fn encrypt(mut self, on: bool) -> SenderBuilder {
+        self.config.encrypt = on;
+        self
+    }
+
+    /// Compresses feet with zstd at this level (-7, fastest, to 19).
+    pub fn compress(mut self, level: i32) -> SenderBuilder {
+        self.config.compress = Some(level);
+        self
+    }
+
+    /// Sends at most this many bytes per second.
+    pub fn rate(mut self, bytes_per_second: u64) -> SenderBuilder {
+        self.config.pacing.rate = Some(bytes_per_second);
+        self
+    }
+
+    /// Per-foot checksums and a digest of the whole stream.
+    pub fn checksums(mut self, on: bool) -> SenderBuilder {
+        self.config.checksums = on;
+        self
+    }
+
+    /// Carries the feet's bytes as paced UDP datagrams (`--udp`).
+    pub fn udp(mut self, on: bool) -> SenderBuilder {
+        self.config.udp = on;
+        self
+    }
+
+    /// Options for every data socket.
+    pub fn socket(mut self, options: SocketOptions) -> SenderBuilder {
+        self.config.socket = options;
+        self
+    }
+
+    /// Starts sending: the connections are made in the background, and
+    /// what is written to the [`Sender`] goes out as it fills feet. Fails
+    /// at once on options that cannot work (no destination, a count out of
+    /// range, encryption without a key).
+    pub fn connect(self) -> Result<Sender> {
+        let SenderBuilder {
+            mut config,
+            destinations,
+        } = self;
+        if destinations.is_empty() {
+            return Err(Error::Usage("a sender needs a destination".into()));
+        }
+        config.validate()?;
+        config.mode = Mode::Tx {
+            destinations: destinations.clone(),
+        };
+        let (chunks, inlet) = crossbeam_channel::bounded(CHUNKS);
+        let end = Arc::new(Mutex::new(End::Open));
+        let input = Inlet {
+            chunks: inlet,
+            end: Arc::clone(&end),
+            current: Vec::new(),
+            at: 0,
+        };
+        let engine = Engine::spawn("sender", move || {
+            crate::tx::send(&config, crate::tx::Connections::Dial(&destinations), input)
+        })?;
+        Ok(Sender {
+            chunks: Some(chunks),
+            end,
+            buffer: Vec::with_capacity(CHUNK),
+            engine,
+        })
+    }
+}
+
+/// A stream on its way to a receiver: write to it, then [`Sender::finish`].
+///
+/// Dropped without `finish`, it aborts the stream.
+///
+/// ```
+/// use std::io::{Read, Write};
+/// use viamillipede::{Receiver, Sender};
+///
+/// let mut receiver = Receiver::builder().address("127.0.0.1").bind()?;
+/// let port = receiver.local_addr().port();
+/// let mut flow = receiver.accept()?;
+/// let reader = std::thread::spawn(move || {
+///     let mut got = Vec::new();
+///     flow.read_to_end(&mut got).map(|_| got)
+/// });
+///
+/// let mut sender = Sender::builder()
+///     .destination("127.0.0.1", port)
+///     .threads(4)
+///     .connect()?;
+/// sender.write_all(b"hello, many connections")?;
+/// let summary = sender.finish()?;
+/// assert_eq!(summary.bytes, 23);
+/// assert_eq!(reader.join().unwrap()?, b"hello, many connections");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Sender {
+    chunks: Option<ChanTx<Vec<u8>>>,
+    end: Arc<Mutex<End>>,
+    buffer: Vec<u8>,
+    engine: Engine,
+}
+
+impl Sender {
+    /// Options for a sender; add at least one destination.
+    pub fn builder() -> SenderBuilder {
+        SenderBuilder {
+            config: base(Mode::Tx {
+                destinations: Vec::new(),
+            }),
+            destinations: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        let sent = match &self.chunks {
+            // Not a plain send: the engine may have ended while its reader
+            // still holds the pipe.
+            Some(c) => crossbeam_channel::select! {
+                send(c, chunk) -> r => r.is_ok(),
+                recv(self.engine.done) -> _ => false,
+            },
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        let why = self
+            .engine
+            .failure()
+            .unwrap_or_else(|| "the transfer has ended".into());
+        Err(io::Error::new(io::ErrorKind::BrokenPipe, why))
+    }
+
+    /// Says how the stream ends, then closes the pipe: the engine reads
+    /// what is still in it, then the end.
+    fn close(&mut self, end: End) {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = end;
+        self.chunks = None;
+    }
+
+    /// Ends the stream and waits until the receiver has written every byte
+    /// of it; the summary says how many. An error says why not.
+    pub fn finish(mut self) -> Result<Summary> {
+        if !self.buffer.is_empty() {
+            let data = std::mem::take(&mut self.buffer);
+            // A failed push means the engine has ended: join tells why.
+            let _ = self.push(data);
+        }
+        self.close(End::Finished);
+        self.engine.join()
+    }
+
+    /// Ends the stream unfinished: the receiver is told `reason`, and
+    /// neither side reports success.
+    pub fn abort(mut self, reason: &str) -> Error {
+        self.buffer.clear();
+        self.close(End::Aborted(reason.into()));
+        match self.engine.join() {
+            Err(e) => e,
+            Ok(_) => Error::Aborted(reason.into()),
+        }
+    }
+}
+
+impl Write for Sender {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.chunks.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the sender has finished",
+            ));
+        }
+        let n = buf.len().min(CHUNK - self.buffer.len());
+        self.buffer.extend_from_slice(&buf[..n]);
+        if self.buffer.len() == CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    /// Hands what was written to the engine (it still waits for a full
+    /// foot before sending, unless the stream ends).
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buffer, Vec::with_capacity(CHUNK));
+        self.push(data)
+    }
+}
+
+impl Drop for Sender {
+    /// Unfinished, the stream fails: the engine reads `End::Open` once
+    /// the pipe is empty.
+    fn drop(&mut self) {
+        self.chunks = None;
+    }
+}
+
+/// Builds a [`Receiver`].
+#[derive(Clone, Debug)]
+pub struct ReceiverBuilder {
+    config: Config,
+    addr: Option<String>,
+    port: u16,
+}
+
+impl ReceiverBuilder {
+    /// The port to listen on; 0 (the default) picks a free one, which
+    /// [`Receiver::local_addr`] tells.
+    pub fn port(mut self, port: u16) -> ReceiverBuilder {
+        self.port = port;
+        self
+    }
+
+    /// The address to listen on (default: every address, IPv6 and IPv4).
+    pub fn address(mut self, addr: impl Into<String>) -> ReceiverBuilder {
+        self.addr = Some(addr.into());
+        self
+    }
+
+    /// The pre-shared key senders must prove.
+    pub fn key(mut self, key: Key) -> ReceiverBuilder {
+        self.config.key = Some(key);
+        self
+    }
+
+    /// Asks every sender to encrypt (needs a key).
+    pub fn encrypt(mut self, on: bool) -> ReceiverBuilder {
+        self.config.encrypt = on;
+        self
+    }
+
+    /// Checks per-foot checksums when the sender sends them, and asks for
+    /// them.
+    pub fn checksums(mut self, on: bool) -> ReceiverBuilder {
+        self.config.checksums = on;
+        self
+    }
+
+    /// Options for every data socket.
+    pub fn socket(mut self, options: SocketOptions) -> ReceiverBuilder {
+        self.config.socket = options;
+        self
+    }
+
+    /// Binds the listening socket.
+    pub fn bind(self) -> Result<Receiver> {
+        let ReceiverBuilder {
+            mut config,
+            addr,
+            port,
+        } = self;
+        config.validate()?;
+        config.mode = Mode::Rx {
+            addr: addr.clone(),
+            port,
+        };
+        let listener = crate::net::listen(addr.as_deref(), port, &config.socket)
+            .map_err(|e| Error::io(format!("listen on port {port}"), e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::io("read the listening address", e))?;
+        Ok(Receiver {
+            config,
+            listener: Some(listener),
+            local,
+        })
+    }
+}
+
+/// A listening socket that senders connect to.
+///
+/// ```
+/// use std::io::Write;
+/// use viamillipede::{Receiver, Sender};
+///
+/// let mut receiver = Receiver::builder().address("127.0.0.1").bind()?;
+/// let port = receiver.local_addr().port();
+/// let flow = receiver.accept()?;
+///
+/// let mut sender = Sender::builder().destination("127.0.0.1", port).connect()?;
+/// sender.write_all(&[7u8; 100_000])?;
+/// // The sender is told only once the receiver wrote it all, so the
+/// // receiving side's reads are the ones that wait here.
+/// let sending = std::thread::spawn(move || sender.finish());
+/// let summary = flow.finish()?;
+/// assert_eq!(summary.bytes, 100_000);
+/// assert_eq!(sending.join().unwrap()?.bytes, 100_000);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Receiver {
+    config: Config,
+    listener: Option<TcpListener>,
+    local: SocketAddr,
+}
+
+impl Receiver {
+    /// Options for a receiver.
+    pub fn builder() -> ReceiverBuilder {
+        ReceiverBuilder {
+            config: base(Mode::Rx {
+                addr: None,
+                port: 0,
+            }),
+            addr: None,
+            port: 0,
+        }
+    }
+
+    /// The address the receiver listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The stream the next sender sends: returned at once, its first read
+    /// waits for the sender. One flow per receiver: a second call is an
+    /// error.
+    pub fn accept(&mut self) -> Result<Flow> {
+        let listener = self
+            .listener
+            .take()
+            .ok_or_else(|| Error::Usage("this receiver's flow was already taken".into()))?;
+        let (out, chunks) = crossbeam_channel::bounded(CHUNKS);
+        let config = self.config.clone();
+        let engine = Engine::spawn("receiver", move || {
+            crate::rx::receive(&config, listener, Outlet(out), |_| {})
+        })?;
+        Ok(Flow {
+            chunks,
+            current: Vec::new(),
+            at: 0,
+            engine,
+            summary: None,
+            failure: None,
+        })
+    }
+}
+
+/// One sender's stream, read in order: [`Read`] ends (`Ok(0)`) only once
+/// every byte arrived and the stream ended cleanly, and fails if the
+/// stream failed (the sender aborted, the connections were lost for good).
+///
+/// Dropped before its end, it fails the stream: the sender's `finish`
+/// reports an error.
+///
+/// ```
+/// use std::io::{Read, Write};
+/// use viamillipede::{Receiver, Sender};
+///
+/// let mut receiver = Receiver::builder().address("127.0.0.1").bind()?;
+/// let mut flow = receiver.accept()?;
+/// let sender = Sender::builder()
+///     .destination("127.0.0.1", receiver.local_addr().port())
+///     .connect()?;
+/// let error = sender.abort("the source went away");
+/// assert!(error.to_string().contains("the source went away"));
+/// // The flow fails with the sender's reason; it never just ends.
+/// let read = flow.read_to_end(&mut Vec::new());
+/// assert!(read.unwrap_err().to_string().contains("the source went away"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct Flow {
+    chunks: Chan<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
+    engine: Engine,
+    summary: Option<Summary>,
+    failure: Option<String>,
+}
+
+impl Flow {
+    /// Reads the rest of the stream into nothing and returns its summary
+    /// (or the error it ended with).
+    pub fn finish(mut self) -> Result<Summary> {
+        io::copy(&mut self, &mut io::sink()).map_err(|e| Error::io("read the flow", e))?;
+        self.summary
+            .take()
+            .ok_or_else(|| Error::Internal("the flow ended without a summary".into()))
+    }
+}
+
+impl Flow {
+    /// The stream's end, once the engine has returned: its summary, or the
+    /// error it ended with (every time it is asked).
+    fn end(&mut self) -> io::Result<usize> {
+        if self.summary.is_none() && self.failure.is_none() {
+            match self.engine.join() {
+                Ok(s) => self.summary = Some(s),
+                Err(e) => self.failure = Some(e.to_string()),
+            }
+        }
+        match &self.failure {
+            Some(why) => Err(io::Error::other(why.clone())),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Read for Flow {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use crossbeam_channel::TryRecvError;
+        while self.at == self.current.len() {
+            match self.chunks.try_recv() {
+                Ok(d) => {
+                    self.current = d;
+                    self.at = 0;
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return self.end(),
+                Err(TryRecvError::Empty) => {}
+            }
+            // Everything the stream wrote is in the pipe before the engine
+            // returns: once it has, an empty pipe is the end.
+            if self.summary.is_some()
+                || self.failure.is_some()
+                || matches!(self.engine.done.try_recv(), Err(TryRecvError::Disconnected))
+            {
+                return self.end();
+            }
+            crossbeam_channel::select! {
+                recv(self.chunks) -> d => match d {
+                    Ok(d) => {
+                        self.current = d;
+                        self.at = 0;
+                    }
+                    Err(_) => return self.end(),
+                },
+                recv(self.engine.done) -> _ => {}
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
