@@ -10,6 +10,7 @@
 use crate::config::{Config, Destination, Mode, SocketOptions};
 use crate::crypto::Key;
 use crate::error::{Error, Result};
+use crate::events::Event;
 use crate::Summary;
 use crossbeam_channel::{Receiver as Chan, Sender as ChanTx};
 use std::io::{self, Read, Write};
@@ -257,6 +258,8 @@ impl SenderBuilder {
         config.mode = Mode::Tx {
             destinations: destinations.clone(),
         };
+        let (sink, events) = crate::events::Sink::new();
+        config.events = Some(sink);
         let (chunks, inlet) = crossbeam_channel::bounded(CHUNKS);
         let end = Arc::new(Mutex::new(End::Open));
         let input = Inlet {
@@ -270,6 +273,7 @@ impl SenderBuilder {
         })?;
         Ok(Sender {
             chunks: Some(chunks),
+            events,
             end,
             buffer: Vec::with_capacity(CHUNK),
             engine,
@@ -305,6 +309,7 @@ impl SenderBuilder {
 /// ```
 pub struct Sender {
     chunks: Option<ChanTx<Vec<u8>>>,
+    events: Chan<Event>,
     end: Arc<Mutex<End>>,
     buffer: Vec<u8>,
     engine: Engine,
@@ -341,6 +346,14 @@ impl Sender {
         Err(io::Error::new(io::ErrorKind::BrokenPipe, why))
     }
 
+    /// What happens as the stream goes (connections up and down, bytes
+    /// the receiver wrote, feet sent again), to read whenever the program
+    /// likes: the engine never waits for it, and drops events while the
+    /// channel is full.
+    pub fn events(&self) -> Chan<Event> {
+        self.events.clone()
+    }
+
     /// Says how the stream ends, then closes the pipe: the engine reads
     /// what is still in it, then the end.
     fn close(&mut self, end: End) {
@@ -361,7 +374,8 @@ impl Sender {
     }
 
     /// Ends the stream unfinished: the receiver is told `reason`, and
-    /// neither side reports success.
+    /// neither side reports success. A receiver no connection has reached
+    /// yet is not told: it goes on waiting for a sender.
     pub fn abort(mut self, reason: &str) -> Error {
         self.buffer.clear();
         self.close(End::Aborted(reason.into()));
@@ -532,12 +546,15 @@ impl Receiver {
             .take()
             .ok_or_else(|| Error::Usage("this receiver's flow was already taken".into()))?;
         let (out, chunks) = crossbeam_channel::bounded(CHUNKS);
-        let config = self.config.clone();
+        let mut config = self.config.clone();
+        let (sink, events) = crate::events::Sink::new();
+        config.events = Some(sink);
         let engine = Engine::spawn("receiver", move || {
             crate::rx::receive(&config, listener, Outlet(out), |_| {})
         })?;
         Ok(Flow {
             chunks,
+            events,
             current: Vec::new(),
             at: 0,
             engine,
@@ -560,9 +577,17 @@ impl Receiver {
 ///
 /// let mut receiver = Receiver::builder().address("127.0.0.1").bind()?;
 /// let mut flow = receiver.accept()?;
-/// let sender = Sender::builder()
+/// let mut sender = Sender::builder()
 ///     .destination("127.0.0.1", receiver.local_addr().port())
+///     .foot_size(64 << 10) // feet go out as they fill
 ///     .connect()?;
+/// let events = sender.events();
+/// sender.write_all(&[1u8; 1 << 20])?;
+/// sender.flush()?;
+/// // Once the receiver has written something, it is sure to hear the abort.
+/// let mut buf = [0u8; 4096];
+/// flow.read_exact(&mut buf)?;
+/// while !matches!(events.recv()?, viamillipede::Event::Progress { .. }) {}
 /// let error = sender.abort("the source went away");
 /// assert!(error.to_string().contains("the source went away"));
 /// // The flow fails with the sender's reason; it never just ends.
@@ -572,6 +597,7 @@ impl Receiver {
 /// ```
 pub struct Flow {
     chunks: Chan<Vec<u8>>,
+    events: Chan<Event>,
     current: Vec<u8>,
     at: usize,
     engine: Engine,
@@ -580,6 +606,12 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// What happens as the stream arrives (connections up and down, bytes
+    /// written to the flow); see [`Sender::events`].
+    pub fn events(&self) -> Chan<Event> {
+        self.events.clone()
+    }
+
     /// Reads the rest of the stream into nothing and returns its summary
     /// (or the error it ended with).
     pub fn finish(mut self) -> Result<Summary> {

@@ -835,6 +835,7 @@ impl Cli {
             },
             local_receiver: None,
             signals: true,
+            events: None,
             mode,
             threads,
             auto_threads,

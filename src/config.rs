@@ -189,6 +189,8 @@ pub struct Config {
     /// SIGINT and SIGTERM stop (the command line); a library caller's
     /// process keeps its own.
     pub signals: bool,
+    /// Where to tell a program embedding the library what happens.
+    pub events: Option<crate::events::Sink>,
 }
 
 /// How tx cuts its input into feet and paces them.
@@ -234,6 +236,7 @@ impl Config {
             pacing: Pacing::default(),
             local_receiver: None,
             signals: true,
+            events: None,
         }
     }
 

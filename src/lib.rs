@@ -22,6 +22,7 @@ pub mod config;
 pub mod crypto;
 pub mod duplex;
 pub mod error;
+pub mod events;
 pub mod monitor;
 pub mod net;
 pub mod pool;
@@ -40,6 +41,7 @@ pub mod wire;
 
 pub use api::{Flow, Receiver, ReceiverBuilder, Sender, SenderBuilder};
 use config::{Config, Mode};
+pub use events::Event;
 use std::time::Duration;
 
 /// What a successful run did.

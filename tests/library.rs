@@ -87,8 +87,16 @@ fn an_aborted_flow_fails_while_another_goes_on() {
             .connect()
             .unwrap();
         let want = data(2 << 20, 3);
+        let a_events = a.events();
         a.write_all(&want[..1 << 20]).unwrap();
+        a.flush().unwrap();
         b.write_all(&want[..1 << 20]).unwrap();
+        // The receiver has written some of it: a connection is up to carry
+        // the abort.
+        while !matches!(
+            a_events.recv().unwrap(),
+            viamillipede::Event::Progress { .. }
+        ) {}
         let e = a.abort("the backup was cancelled");
         assert!(
             e.to_string().contains("the backup was cancelled"),
@@ -301,4 +309,59 @@ fn the_examples_send_and_receive_a_file() {
     assert!(rx.wait().success(), "receive_file: {}", rx.stderr());
     assert_same(&std::fs::read(&output).unwrap(), &want, "the received file");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn events_tell_of_connections_progress_and_retransmits() {
+    use viamillipede::Event;
+    within(120, "events through a proxy that resets", || {
+        let (port, flow) = receiver();
+        let flow_events = flow.events();
+        let reader = std::thread::spawn(move || read_all(flow));
+        // The first connection through the proxy is reset after 200 kB.
+        let proxy = crate::util::FaultProxy::with(port, |n| crate::util::Fault {
+            reset_after: (n == 0).then_some(200_000),
+            ..Default::default()
+        });
+        let want = data(4 << 20, 21);
+        let mut s = Sender::builder()
+            .destination("127.0.0.1", proxy.port)
+            .threads(2)
+            .foot_size(64 << 10)
+            .connect()
+            .unwrap();
+        let events = s.events();
+        s.write_all(&want).unwrap();
+        assert_eq!(s.finish().expect("finish").bytes, want.len() as u64);
+        assert_same(&reader.join().unwrap().unwrap(), &want, "through the proxy");
+        let seen: Vec<Event> = events.try_iter().collect();
+        let count = |f: &dyn Fn(&Event) -> bool| seen.iter().filter(|e| f(e)).count();
+        assert!(
+            count(&|e| matches!(e, Event::Connected { .. })) >= 3,
+            "{seen:?}"
+        );
+        assert!(
+            count(&|e| matches!(e, Event::Disconnected { .. })) >= 1,
+            "{seen:?}"
+        );
+        assert!(
+            count(&|e| matches!(e, Event::Retransmits { .. })) >= 1,
+            "{seen:?}"
+        );
+        let last = seen.iter().rev().find_map(|e| match e {
+            Event::Progress { bytes } => Some(*bytes),
+            _ => None,
+        });
+        assert_eq!(last, Some(want.len() as u64), "the sender's last progress");
+        let rx_last = flow_events.try_iter().fold(None, |l, e| match e {
+            Event::Progress { bytes } => Some(bytes),
+            _ => l,
+        });
+        assert_eq!(
+            rx_last,
+            Some(want.len() as u64),
+            "the receiver's last progress"
+        );
+        assert!(proxy.resets.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    });
 }

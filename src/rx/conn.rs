@@ -82,6 +82,9 @@ pub fn handle(
     conn.link.set_state(LinkState::Receiving);
     let _ = events.send(Event::Opened);
     log::info!("{peer}: connected");
+    crate::events::tell(&state.config.events, || crate::events::Event::Connected {
+        peer: peer.to_string(),
+    });
     let udp = match udp {
         Some((terms, key)) => match (
             stream.local_addr().map(|l| state.udp(l)),
@@ -136,6 +139,14 @@ pub fn handle(
             net::abortive_close(&stream);
         }
         Err(e) => log::info!("{peer}: connection lost: {e}"),
+    }
+    if let Err(e) = &result {
+        crate::events::tell(&state.config.events, || {
+            crate::events::Event::Disconnected {
+                peer: peer.to_string(),
+                why: e.to_string(),
+            }
+        });
     }
     let _ = stream.shutdown(Shutdown::Both);
     conn.link.set_state(LinkState::Closed);

@@ -88,9 +88,13 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
                 // The run is over: nothing more may be written.
                 None => return,
             }
-            state
+            let so_far = state
                 .written
-                .fetch_add(ready.data.len() as u64, Ordering::Relaxed);
+                .fetch_add(ready.data.len() as u64, Ordering::Relaxed)
+                + ready.data.len() as u64;
+            crate::events::tell(&state.config.events, || crate::events::Event::Progress {
+                bytes: so_far,
+            });
             state.release(ready.data.len() as u64);
             state.delivered.store(ready.id + 1, Ordering::Release);
             if ready.end {

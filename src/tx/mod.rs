@@ -262,7 +262,7 @@ pub fn send(
         inflight: config.inflight as usize,
         reconnect_timeout: config.reconnect_timeout,
     };
-    let window = Arc::new(Window::new(params, &ranks));
+    let window = Arc::new(Window::new(params, &ranks).with_events(config.events.clone()));
     let accepting = matches!(connections, Connections::Accept(_));
     if accepting {
         // The receiver decides which connections exist; none is "coming".

@@ -1260,6 +1260,11 @@ impl Schedule {
         }
     }
 
+    /// Pieces resent after a connection was lost (or found stalled).
+    pub fn retransmits(&self) -> u64 {
+        self.retransmits
+    }
+
     /// Bytes rx has written.
     pub fn delivered_bytes(&self) -> u64 {
         self.bytes_delivered

@@ -54,6 +54,8 @@ struct Inner {
     receiver: Option<[u8; 8]>,
     /// Why the transfer was stopped from this side, to tell the receiver.
     cancelled: Option<String>,
+    /// What the events last told: bytes delivered, retransmits.
+    told: (u64, u64),
 }
 
 /// Shared between the reader, the workers and the timer thread.
@@ -71,6 +73,9 @@ pub struct Window {
     sends: AtomicU64,
     /// Faults injected by `chaos`.
     faults: AtomicU64,
+    /// Where a program embedding the library hears of progress, and what
+    /// it was last told (bytes delivered, retransmits).
+    events: Option<crate::events::Sink>,
 }
 
 impl Window {
@@ -82,6 +87,7 @@ impl Window {
                 closers: ranks.iter().map(|_| None).collect(),
                 receiver: None,
                 cancelled: None,
+                told: (0, 0),
             }),
             changed: Condvar::new(),
             room: Condvar::new(),
@@ -89,7 +95,15 @@ impl Window {
             window: u64::from(params.window),
             sends: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            events: None,
         }
+    }
+
+    /// Tells `events` of the bytes delivered and the feet sent again as
+    /// they change.
+    pub fn with_events(mut self, events: Option<crate::events::Sink>) -> Window {
+        self.events = events;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -116,6 +130,17 @@ impl Window {
         } = s.schedule.take_effects();
         for n in notices {
             log::warn!("{n}");
+        }
+        if let Some(sink) = &self.events {
+            use crate::events::Event;
+            let now = (s.schedule.delivered_bytes(), s.schedule.retransmits());
+            if now.0 != s.told.0 {
+                sink.send(Event::Progress { bytes: now.0 });
+            }
+            if now.1 != s.told.1 {
+                sink.send(Event::Retransmits { total: now.1 });
+            }
+            s.told = now;
         }
         for w in close {
             if let Some(closer) = s.closers[w].take() {

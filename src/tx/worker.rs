@@ -134,6 +134,9 @@ fn use_connection(
             }
             *connections += 1;
             log::info!("worker {w}: connected to {}", link.peer);
+            crate::events::tell(&shared.config.events, || crate::events::Event::Connected {
+                peer: link.peer.to_string(),
+            });
             serve(shared, w, opened, link);
             return ControlFlow::Continue(true);
         }
@@ -377,7 +380,9 @@ fn serve(shared: &Shared, w: usize, opened: Opened, link: &Link) {
     std::thread::scope(|scope| {
         let acks = std::thread::Builder::new()
             .name(format!("tx-acks-{w}"))
-            .spawn_scoped(scope, || read_acks(window, w, reader, flow));
+            .spawn_scoped(scope, || {
+                read_acks(window, w, reader, flow, &shared.config.events, &link.peer)
+            });
         if let Err(e) = acks {
             window.note_error(format!("spawn thread: {e}"));
             window.disconnected(w);
@@ -486,6 +491,8 @@ fn read_acks(
     w: usize,
     mut reader: FrameReader<TcpStream>,
     flow: Option<&super::udp::Flow>,
+    events: &Option<crate::events::Sink>,
+    peer: &impl std::fmt::Display,
 ) {
     let result = (|| -> std::io::Result<()> {
         loop {
@@ -535,6 +542,10 @@ fn read_acks(
         if !window.is_finished() {
             log::info!("worker {w}: connection lost: {e}");
             window.note_error(format!("connection lost: {e}"));
+            crate::events::tell(events, || crate::events::Event::Disconnected {
+                peer: peer.to_string(),
+                why: e.to_string(),
+            });
         }
     }
     let _ = reader.get_mut().shutdown(Shutdown::Both);
