@@ -336,8 +336,10 @@ fn events_tell_of_connections_progress_and_retransmits() {
         assert_same(&reader.join().unwrap().unwrap(), &want, "through the proxy");
         let seen: Vec<Event> = events.try_iter().collect();
         let count = |f: &dyn Fn(&Event) -> bool| seen.iter().filter(|e| f(e)).count();
+        // Both connections; the reset one may or may not come back before
+        // the other has carried the rest.
         assert!(
-            count(&|e| matches!(e, Event::Connected { .. })) >= 3,
+            count(&|e| matches!(e, Event::Connected { .. })) >= 2,
             "{seen:?}"
         );
         assert!(
