@@ -47,6 +47,14 @@ impl std::fmt::Display for Aborted {
 
 impl std::error::Error for Aborted {}
 
+/// Copies what `buf` takes of `chunk` from `at` on, and moves `at` past it.
+fn copy_out(chunk: &[u8], at: &mut usize, buf: &mut [u8]) -> usize {
+    let n = buf.len().min(chunk.len() - *at);
+    buf[..n].copy_from_slice(&chunk[*at..*at + n]);
+    *at += n;
+    n
+}
+
 /// The engine's end of a [`Sender`]: chunks in, bytes out.
 struct Inlet {
     chunks: Chan<Vec<u8>>,
@@ -76,10 +84,7 @@ impl Read for Inlet {
                 }
             }
         }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
+        Ok(copy_out(&self.current, &mut self.at, buf))
     }
 }
 
@@ -671,9 +676,6 @@ impl Read for Flow {
                 recv(self.engine.done) -> _ => {}
             }
         }
-        let n = buf.len().min(self.current.len() - self.at);
-        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
+        Ok(copy_out(&self.current, &mut self.at, buf))
     }
 }

@@ -8,8 +8,9 @@
 //!
 //! - **Startup**: the rate is 2.885 x the delivery rate, so it doubles
 //!   every round trip, until three round trips in a row bring less than a
-//!   quarter more (the path is full), or a round trip loses more than
-//!   [`LOSS_LIMIT`] of what it sent (a policer, or a queue overflowing).
+//!   quarter more (the path is full), two round trips find a standing
+//!   queue (see below), or a round trip loses more than [`LOSS_LIMIT`] of
+//!   what it sent (a policer, or a queue overflowing).
 //! - **Drain**: below the delivery rate until what is in flight fits the
 //!   path (its delivery rate times its shortest round trip).
 //! - **Cruise**: a cycle of eight round trips at 1.25, 0.75, then 1 x the
@@ -305,9 +306,7 @@ impl Rate {
             // Over-full: down to what got through this round, but by no more
             // than a multiplicative step (a round may end just after a pause).
             let best = self.bandwidth().unwrap_or(0.0);
-            let next = delivered.max(best * LOSS_BETA).max(MIN_RATE);
-            self.bw.clear();
-            self.bw.push_back((now, next));
+            self.reset_estimate(delivered.max(best * LOSS_BETA), now);
             if self.mode == Mode::Startup {
                 self.mode = Mode::Drain;
             }
@@ -322,10 +321,7 @@ impl Rate {
             // Someone else's queue (or a probe's that outlived its drain):
             // give way, and do not probe into it.
             if let Some(bw) = self.bandwidth() {
-                let next = (bw * YIELD_BETA).max(MIN_RATE);
-                self.ceiling = Some(next);
-                self.bw.clear();
-                self.bw.push_back((now, next));
+                self.ceiling = Some(self.reset_estimate(bw * YIELD_BETA, now));
             }
             self.fast = None;
             self.yields += 1;
@@ -361,6 +357,15 @@ impl Rate {
                 self.mode = Mode::Drain;
             }
         }
+    }
+
+    /// Forgets the delivery-rate samples: the estimate is `bw` (at least
+    /// [`MIN_RATE`]) from `now`, which is returned.
+    fn reset_estimate(&mut self, bw: f64, now: Instant) -> f64 {
+        let bw = bw.max(MIN_RATE);
+        self.bw.clear();
+        self.bw.push_back((now, bw));
+        bw
     }
 
     /// Whether the path is still being sized (for tests and logs).
