@@ -128,6 +128,7 @@ fn offer(terms: &Terms) -> Offer {
         foot_size: 2 << 20,
         window: 64,
         worker: 1,
+        name: None,
     }
 }
 

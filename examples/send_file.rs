@@ -1,6 +1,6 @@
 //! Sends a file to a receiver over many connections:
-//! `send_file HOST PORT FILE [THREADS]`. Exits 0 only once the receiver
-//! has written every byte.
+//! `send_file HOST PORT FILE [THREADS]`, the stream named after the file.
+//! Exits 0 only once the receiver has written every byte.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -33,10 +33,14 @@ fn send(
     let port: u16 = port.parse().map_err(|_| format!("bad port {port:?}"))?;
     let threads: u16 = threads.map_or(Ok(8), |t| t.parse())?;
     let mut file = std::fs::File::open(path).map_err(|e| format!("open {path}: {e}"))?;
-    let mut sender = Sender::builder()
-        .destination(host, port)
-        .threads(threads)
-        .connect()?;
+    let mut builder = Sender::builder().destination(host, port).threads(threads);
+    let base = std::path::Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str());
+    if let Some(name) = base.filter(|n| viamillipede::protocol::check_name(n).is_ok()) {
+        builder = builder.name(name);
+    }
+    let mut sender = builder.connect()?;
     std::io::copy(&mut file, &mut sender)?;
     sender.flush()?;
     Ok(sender.finish()?.bytes)

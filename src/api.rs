@@ -11,10 +11,11 @@ use crate::config::{Config, Destination, Mode, SocketOptions};
 use crate::crypto::Key;
 use crate::error::{Error, Result};
 use crate::events::Event;
+use crate::rx::hub::{FlowInfo, Flows, Hub, Many, Opened, Output};
 use crate::Summary;
 use crossbeam_channel::{Receiver as Chan, Sender as ChanTx};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -90,6 +91,12 @@ impl Read for Inlet {
 
 /// The engine's end of a [`Flow`]: what the stream writes, as chunks.
 struct Outlet(ChanTx<Vec<u8>>);
+
+impl Output for Outlet {
+    fn what(&self) -> String {
+        "the flow".into()
+    }
+}
 
 impl Write for Outlet {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -241,6 +248,14 @@ impl SenderBuilder {
         self
     }
 
+    /// The stream's name, told to the receiver ([`Flow::name`], and
+    /// `$VIAMILLIPEDE_NAME` for an `rx --exec` command): 1 to 128 letters,
+    /// digits and `. _ - + : @ /`, not starting with `-`, `.` or `/`.
+    pub fn name(mut self, name: impl Into<String>) -> SenderBuilder {
+        self.config.name = Some(name.into());
+        self
+    }
+
     /// Options for every data socket.
     pub fn socket(mut self, options: SocketOptions) -> SenderBuilder {
         self.config.socket = options;
@@ -258,6 +273,9 @@ impl SenderBuilder {
         } = self;
         if destinations.is_empty() {
             return Err(Error::Usage("a sender needs a destination".into()));
+        }
+        if let Some(name) = &config.name {
+            crate::protocol::check_name(name).map_err(|e| Error::Usage(format!("name: {e}")))?;
         }
         config.validate()?;
         config.mode = Mode::Tx {
@@ -296,8 +314,8 @@ impl SenderBuilder {
 ///
 /// let mut receiver = Receiver::builder().address("127.0.0.1").bind()?;
 /// let port = receiver.local_addr().port();
-/// let mut flow = receiver.accept()?;
 /// let reader = std::thread::spawn(move || {
+///     let mut flow = receiver.accept().expect("a flow");
 ///     let mut got = Vec::new();
 ///     flow.read_to_end(&mut got).map(|_| got)
 /// });
@@ -473,7 +491,30 @@ impl ReceiverBuilder {
         self
     }
 
-    /// Binds the listening socket.
+    /// Flows served at once, accepted or waiting to be (default 8); a
+    /// sender beyond them is refused as busy.
+    pub fn max_flows(mut self, n: usize) -> ReceiverBuilder {
+        self.config.max_flows = n;
+        self
+    }
+
+    /// What the flows served at once may hold in memory together, counted
+    /// as each flow's window and two feet more (default 2 GiB); a new flow
+    /// that does not fit is refused as busy.
+    pub fn max_memory(mut self, bytes: u64) -> ReceiverBuilder {
+        self.config.max_memory = bytes;
+        self
+    }
+
+    /// Seconds to wait for a sender whose connections are all gone before
+    /// its flow fails (default 300).
+    pub fn reconnect_timeout(mut self, timeout: std::time::Duration) -> ReceiverBuilder {
+        self.config.reconnect_timeout = timeout;
+        self
+    }
+
+    /// Binds the listening socket and starts taking senders: each new
+    /// sender's stream waits for [`Receiver::accept`].
     pub fn bind(self) -> Result<Receiver> {
         let ReceiverBuilder {
             mut config,
@@ -481,6 +522,9 @@ impl ReceiverBuilder {
             port,
         } = self;
         config.validate()?;
+        if config.max_flows == 0 {
+            return Err(Error::Usage("max flows: give 1 or more".into()));
+        }
         config.mode = Mode::Rx {
             addr: addr.clone(),
             port,
@@ -490,15 +534,52 @@ impl ReceiverBuilder {
         let local = listener
             .local_addr()
             .map_err(|e| Error::io("read the listening address", e))?;
+        // Room for every flow the hub admits: it never waits on the queue.
+        let (queue, accepted) = crossbeam_channel::bounded(config.max_flows);
+        let open = move |info: &FlowInfo| -> io::Result<Opened> {
+            let (out, chunks) = crossbeam_channel::bounded(CHUNKS);
+            let (result_tx, result) = crossbeam_channel::bounded(1);
+            let (sink, events) = crate::events::Sink::new();
+            let flow = Flow {
+                chunks,
+                events,
+                current: Vec::new(),
+                at: 0,
+                result,
+                summary: None,
+                failure: None,
+                name: info.name.clone(),
+                peer: info.peer,
+            };
+            queue
+                .try_send(flow)
+                .map_err(|_| io::Error::other("the receiver is not taking flows"))?;
+            Ok(Opened {
+                output: Box::new(Outlet(out)),
+                on_end: Box::new(move |r: &Result<Summary>| {
+                    let _ = result_tx.send(match r {
+                        Ok(s) => Ok(s.clone()),
+                        Err(e) => Err(e.to_string()),
+                    });
+                }),
+                events: Some(sink),
+            })
+        };
+        let (sink, events) = crate::events::Sink::new();
+        config.events = Some(sink);
+        let hub = Hub::new(config, Flows::Many(Many::new(Box::new(open))));
+        hub.listen(listener)?;
         Ok(Receiver {
-            config,
-            listener: Some(listener),
+            hub,
+            accepted,
+            events,
             local,
         })
     }
 }
 
-/// A listening socket that senders connect to.
+/// A listening socket that senders connect to; each sender's stream is a
+/// [`Flow`] of its own, served at once beside the others.
 ///
 /// ```
 /// use std::io::Write;
@@ -506,21 +587,28 @@ impl ReceiverBuilder {
 ///
 /// let mut receiver = Receiver::builder().address("127.0.0.1").bind()?;
 /// let port = receiver.local_addr().port();
-/// let flow = receiver.accept()?;
 ///
-/// let mut sender = Sender::builder().destination("127.0.0.1", port).connect()?;
-/// sender.write_all(&[7u8; 100_000])?;
-/// // The sender is told only once the receiver wrote it all, so the
-/// // receiving side's reads are the ones that wait here.
-/// let sending = std::thread::spawn(move || sender.finish());
+/// type Failure = Box<dyn std::error::Error + Send + Sync>;
+/// let sending = std::thread::spawn(move || -> Result<_, Failure> {
+///     let mut sender = Sender::builder()
+///         .destination("127.0.0.1", port)
+///         .name("nightly")
+///         .connect()?;
+///     sender.write_all(&[7u8; 100_000])?;
+///     // Returns once the receiver wrote it all.
+///     Ok(sender.finish()?)
+/// });
+/// let flow = receiver.accept()?;
+/// assert_eq!(flow.name(), Some("nightly"));
 /// let summary = flow.finish()?;
 /// assert_eq!(summary.bytes, 100_000);
-/// assert_eq!(sending.join().unwrap()?.bytes, 100_000);
+/// assert_eq!(sending.join().unwrap().unwrap().bytes, 100_000);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Receiver {
-    config: Config,
-    listener: Option<TcpListener>,
+    hub: Arc<Hub>,
+    accepted: Chan<Flow>,
+    events: Chan<Event>,
     local: SocketAddr,
 }
 
@@ -542,30 +630,38 @@ impl Receiver {
         self.local
     }
 
-    /// The stream the next sender sends: returned at once, its first read
-    /// waits for the sender. One flow per receiver: a second call is an
-    /// error.
+    /// Flows opened and closed ([`Event::FlowOpened`],
+    /// [`Event::FlowClosed`]), to read whenever the program likes; each
+    /// flow's own events come from [`Flow::events`].
+    pub fn events(&self) -> Chan<Event> {
+        self.events.clone()
+    }
+
+    /// The next sender's stream: waits until a sender whose stream this
+    /// receiver has not seen completes its handshake. Its bytes arrive
+    /// meanwhile (up to a bounded pipe); read them from the flow.
     pub fn accept(&mut self) -> Result<Flow> {
-        let listener = self
-            .listener
-            .take()
-            .ok_or_else(|| Error::Usage("this receiver's flow was already taken".into()))?;
-        let (out, chunks) = crossbeam_channel::bounded(CHUNKS);
-        let mut config = self.config.clone();
-        let (sink, events) = crate::events::Sink::new();
-        config.events = Some(sink);
-        let engine = Engine::spawn("receiver", move || {
-            crate::rx::receive(&config, listener, Outlet(out), |_| {})
-        })?;
-        Ok(Flow {
-            chunks,
-            events,
-            current: Vec::new(),
-            at: 0,
-            engine,
-            summary: None,
-            failure: None,
-        })
+        self.accepted
+            .recv()
+            .map_err(|_| Error::Internal("the receiver stopped taking flows".into()))
+    }
+
+    /// As [`Receiver::accept`], but gives up after `timeout` (`Ok(None)`).
+    pub fn accept_timeout(&mut self, timeout: std::time::Duration) -> Result<Option<Flow>> {
+        match self.accepted.recv_timeout(timeout) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(_) => Err(Error::Internal("the receiver stopped taking flows".into())),
+        }
+    }
+}
+
+impl Drop for Receiver {
+    /// Takes no new senders; flows already accepted go on (their senders
+    /// may still reconnect), and the socket closes once they have ended.
+    /// Flows not yet accepted fail.
+    fn drop(&mut self) {
+        self.hub.close();
     }
 }
 
@@ -581,7 +677,6 @@ impl Receiver {
 /// use viamillipede::{Receiver, Sender};
 ///
 /// let mut receiver = Receiver::builder().address("127.0.0.1").bind()?;
-/// let mut flow = receiver.accept()?;
 /// let mut sender = Sender::builder()
 ///     .destination("127.0.0.1", receiver.local_addr().port())
 ///     .foot_size(64 << 10) // feet go out as they fill
@@ -589,6 +684,7 @@ impl Receiver {
 /// let events = sender.events();
 /// sender.write_all(&[1u8; 1 << 20])?;
 /// sender.flush()?;
+/// let mut flow = receiver.accept()?;
 /// // Once the receiver has written something, it is sure to hear the abort.
 /// let mut buf = [0u8; 4096];
 /// flow.read_exact(&mut buf)?;
@@ -605,9 +701,11 @@ pub struct Flow {
     events: Chan<Event>,
     current: Vec<u8>,
     at: usize,
-    engine: Engine,
+    result: Chan<std::result::Result<Summary, String>>,
     summary: Option<Summary>,
     failure: Option<String>,
+    name: Option<String>,
+    peer: SocketAddr,
 }
 
 impl Flow {
@@ -615,6 +713,16 @@ impl Flow {
     /// written to the flow); see [`Sender::events`].
     pub fn events(&self) -> Chan<Event> {
         self.events.clone()
+    }
+
+    /// The name the sender gave its stream ([`SenderBuilder::name`]).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Where the sender's first connection came from.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
     }
 
     /// Reads the rest of the stream into nothing and returns its summary
@@ -625,16 +733,21 @@ impl Flow {
             .take()
             .ok_or_else(|| Error::Internal("the flow ended without a summary".into()))
     }
-}
 
-impl Flow {
-    /// The stream's end, once the engine has returned: its summary, or the
-    /// error it ended with (every time it is asked).
+    fn take(&mut self, r: std::result::Result<Summary, String>) {
+        match r {
+            Ok(s) => self.summary = Some(s),
+            Err(e) => self.failure = Some(e),
+        }
+    }
+
+    /// The stream's end: its summary, or the error it ended with (every
+    /// time it is asked).
     fn end(&mut self) -> io::Result<usize> {
         if self.summary.is_none() && self.failure.is_none() {
-            match self.engine.join() {
-                Ok(s) => self.summary = Some(s),
-                Err(e) => self.failure = Some(e.to_string()),
+            match self.result.recv() {
+                Ok(r) => self.take(r),
+                Err(_) => self.failure = Some("the receiver went away".into()),
             }
         }
         match &self.failure {
@@ -657,12 +770,9 @@ impl Read for Flow {
                 Err(TryRecvError::Disconnected) => return self.end(),
                 Err(TryRecvError::Empty) => {}
             }
-            // Everything the stream wrote is in the pipe before the engine
-            // returns: once it has, an empty pipe is the end.
-            if self.summary.is_some()
-                || self.failure.is_some()
-                || matches!(self.engine.done.try_recv(), Err(TryRecvError::Disconnected))
-            {
+            // Everything the stream wrote is in the pipe before its outcome
+            // is told: once it is, an empty pipe is the end.
+            if self.summary.is_some() || self.failure.is_some() {
                 return self.end();
             }
             crossbeam_channel::select! {
@@ -673,7 +783,10 @@ impl Read for Flow {
                     }
                     Err(_) => return self.end(),
                 },
-                recv(self.engine.done) -> _ => {}
+                recv(self.result) -> r => match r {
+                    Ok(r) => self.take(r),
+                    Err(_) => return self.end(),
+                },
             }
         }
         Ok(copy_out(&self.current, &mut self.at, buf))

@@ -363,10 +363,44 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub genkey: Option<std::path::PathBuf>,
 
+    /// The stream's name (tx), told to the receiver: 1 to 128 letters,
+    /// digits and . _ - + : @ /, not starting with - . or /. A receiver with
+    /// --exec gives it to the command as $VIAMILLIPEDE_NAME.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
+    /// Serve many senders at once (rx): run COMMAND (with /bin/sh -c) once
+    /// per incoming stream, the stream's bytes on its stdin and its sender's
+    /// --name in $VIAMILLIPEDE_NAME (empty without one), never spliced into
+    /// the command's text; also $VIAMILLIPEDE_SESSION and
+    /// $VIAMILLIPEDE_PEER. A sender is told its stream is complete only once
+    /// its command read it all and exited 0; a stream that fails has its
+    /// command's process group sent SIGTERM (SIGKILL 5 s later) before its
+    /// stdin closes. Each start and end is told on stderr. Runs until SIGINT or
+    /// SIGTERM; without --exec rx writes one stream to stdout, refusing
+    /// others as busy. Example: rx 8834 --exec 'zfs recv -F "tank/$VIAMILLIPEDE_NAME"'
+    #[arg(long, value_name = "COMMAND")]
+    pub exec: Option<String>,
+
+    /// With --exec: streams served at once (default 8); a sender beyond
+    /// them is refused as busy.
+    #[arg(long, value_name = "N", value_parser = |s: &str| number::<usize>(s, 1, 4096))]
+    pub max_flows: Option<usize>,
+
+    /// With --exec: what the streams served at once may hold in memory
+    /// together, counted as each stream's (window + 2) feet; a new stream
+    /// that does not fit is refused as busy. Default 2G.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+
     /// Seconds a new connection has to complete its handshake.
     #[arg(long, value_name = "SECS", default_value_t = config::HANDSHAKE_TIMEOUT.as_secs(),
           value_parser = |s: &str| number::<u64>(s, 1, 3600))]
     pub handshake_timeout: u64,
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    crate::protocol::check_name(s).map(|()| s.to_string())
 }
 
 fn parse_checkphrase(s: &str) -> Result<[u8; 4], String> {
@@ -792,6 +826,22 @@ impl Cli {
                 .open(path)
                 .map_err(|e| Error::Usage(format!("--stats-json {}: {e}", path.display())))?;
         }
+        if self.exec.is_some() && !matches!(mode, Mode::Rx { .. }) {
+            return Err(Error::Usage(
+                "--exec serves many senders on a listening receiver: give it with rx PORT alone (not with tx, --connect or --listen)".into(),
+            ));
+        }
+        if self.exec.is_none() && (self.max_flows.is_some() || self.max_memory.is_some()) {
+            return Err(Error::Usage(
+                "--max-flows and --max-memory limit the streams of --exec: give --exec COMMAND too"
+                    .into(),
+            ));
+        }
+        if self.exec.is_some() && (self.progress || self.stats_json.is_some()) {
+            warnings.push(
+                "--progress and --stats-json follow one stream: with --exec, each stream's start and end are told on stderr instead".into(),
+            );
+        }
         let ignored = self.ignored_by(&mode);
         let dialing_rx = matches!(mode, Mode::RxConnect { .. });
         if self.threads == 0 && dialing_rx {
@@ -836,6 +886,10 @@ impl Cli {
             local_receiver: None,
             signals: true,
             events: None,
+            name: self.name,
+            exec: self.exec,
+            max_flows: self.max_flows.unwrap_or(config::DEFAULT_MAX_FLOWS),
+            max_memory: self.max_memory.unwrap_or(config::DEFAULT_MAX_MEMORY),
             mode,
             threads,
             auto_threads,
@@ -871,6 +925,7 @@ impl Cli {
             ("--bind", rx && self.bind.is_some()),
             ("--udp", self.udp),
             ("--datagram-size", self.datagram_size.is_some()),
+            ("--name", self.name.is_some()),
         ]
         .into_iter()
         .filter(|(_, given)| *given)

@@ -18,6 +18,10 @@ pub const DEFAULT_RECONNECT: Duration = Duration::from_secs(300);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Feet a connection may have unacknowledged before it gets another one.
 pub const DEFAULT_INFLIGHT: u32 = 2;
+/// Flows a receiver with `--exec` serves at once.
+pub const DEFAULT_MAX_FLOWS: usize = 8;
+/// What the reorder buffers of a receiver's flows may hold together.
+pub const DEFAULT_MAX_MEMORY: u64 = 2 << 30;
 
 /// One `tx HOST PORT` destination; rank is its position in the list.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,6 +195,16 @@ pub struct Config {
     pub signals: bool,
     /// Where to tell a program embedding the library what happens.
     pub events: Option<crate::events::Sink>,
+    /// tx: the stream's name (`--name`), told to the receiver.
+    pub name: Option<String>,
+    /// rx: run this shell command once per incoming flow, with the flow's
+    /// bytes on its stdin (`--exec`), instead of writing one to stdout.
+    pub exec: Option<String>,
+    /// rx with `--exec`: flows served at once (`--max-flows`).
+    pub max_flows: usize,
+    /// rx with `--exec`: the bytes all flows' reorder buffers may hold
+    /// together (`--max-memory`); a new flow that would take more is refused as busy.
+    pub max_memory: u64,
 }
 
 /// How tx cuts its input into feet and paces them.
@@ -237,6 +251,10 @@ impl Config {
             local_receiver: None,
             signals: true,
             events: None,
+            name: None,
+            exec: None,
+            max_flows: DEFAULT_MAX_FLOWS,
+            max_memory: DEFAULT_MAX_MEMORY,
         }
     }
 

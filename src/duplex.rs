@@ -112,7 +112,7 @@ fn both(
     let rx_config = config.clone();
     let receiving = std::thread::Builder::new()
         .name("rx".into())
-        .spawn(move || rx::run_into(&rx_config, addr.as_deref(), port, output))
+        .spawn(move || rx::run_into(&rx_config, addr.as_deref(), port, rx::hub::Plain(output)))
         .map_err(|e| Error::io("spawn the receiving side", e))?;
     let sent = tx::send(config, tx::Connections::Dial(destinations), input);
     if let Err(e) = sent {

@@ -43,6 +43,9 @@ pub enum Error {
     /// The far side of `viamillipede ssh` (ssh, the far viamillipede or the
     /// command it ran) failed; the message says which.
     Remote(String),
+    /// What the stream was written to would not take it (a command given
+    /// the stream by `--exec` exited non-zero); the message says how.
+    Output(String),
 }
 
 impl Error {
@@ -72,7 +75,8 @@ impl fmt::Display for Error {
             | Error::GaveUp(m)
             | Error::Internal(m)
             | Error::Mismatch(m)
-            | Error::Remote(m) => f.write_str(m),
+            | Error::Remote(m)
+            | Error::Output(m) => f.write_str(m),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::Peer(m) => write!(f, "receiver: {m}"),
             Error::Sender(m) => write!(f, "sender: {m}"),

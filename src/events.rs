@@ -36,6 +36,22 @@ pub enum Event {
         /// In all.
         total: u64,
     },
+    /// A receiver took a new sender's stream (`Receiver::events`).
+    FlowOpened {
+        /// The name its sender gave, if any.
+        name: Option<String>,
+        /// Where its first connection came from.
+        peer: String,
+    },
+    /// One of a receiver's flows ended (`Receiver::events`).
+    FlowClosed {
+        /// The name its sender gave, if any.
+        name: Option<String>,
+        /// Bytes written to it.
+        bytes: u64,
+        /// Why it failed; `None` when every byte arrived.
+        error: Option<String>,
+    },
 }
 
 /// Where the engine puts its events: cheap to clone, never blocks.

@@ -45,7 +45,7 @@ pub use events::Event;
 use std::time::Duration;
 
 /// What a successful run did.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Summary {
     /// Payload bytes written by the receiver.
     pub bytes: u64,

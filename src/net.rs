@@ -319,17 +319,24 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts connections on `listener` for `serve` until it returns false,
-/// backing off (without spinning) while accepting fails.
-pub fn accept_loop(listener: &TcpListener, mut serve: impl FnMut(TcpStream, SocketAddr) -> bool) {
+/// or `more` does (asked after each connection or failed accept: a
+/// listener shut down from another thread fails its accept), backing off
+/// (without spinning) while accepting fails.
+pub fn accept_loop(
+    listener: &TcpListener,
+    more: impl Fn() -> bool,
+    mut serve: impl FnMut(TcpStream, SocketAddr) -> bool,
+) {
     let mut backoff = ACCEPT_BACKOFF;
-    loop {
+    while more() {
         match listener.accept() {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF;
-                if !serve(stream, peer) {
+                if !more() || !serve(stream, peer) {
                     return;
                 }
             }
+            Err(_) if !more() => return,
             Err(e) => {
                 log::warn!("accept: {e}; trying again in {} ms", backoff.as_millis());
                 std::thread::sleep(backoff);

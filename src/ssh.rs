@@ -862,8 +862,8 @@ fn run_far(
             .map_err(|e| Error::io("duplicate a pipe", e))?;
         let out = File::from(fd);
         let result = match listener {
-            Some(l) => rx::receive(config, l, out, |_| {}),
-            None => dialed().and_then(|d| rx::receive_dialing(config, &d, out)),
+            Some(l) => rx::receive(config, l, rx::hub::Plain(out), |_| {}),
+            None => dialed().and_then(|d| rx::receive_dialing(config, &d, rx::hub::Plain(out))),
         };
         over.store(true, Ordering::SeqCst);
         if result.is_err() {

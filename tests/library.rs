@@ -18,13 +18,12 @@ fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send
         .unwrap_or_else(|_| panic!("{what}: no end within {secs} s"))
 }
 
-fn receiver() -> (u16, Flow) {
-    let mut r = Receiver::builder()
+fn receiver() -> (u16, Receiver) {
+    let r = Receiver::builder()
         .address("127.0.0.1")
         .bind()
         .expect("bind");
-    let port = r.local_addr().port();
-    (port, r.accept().expect("a flow"))
+    (r.local_addr().port(), r)
 }
 
 fn read_all(mut flow: Flow) -> std::io::Result<Vec<u8>> {
@@ -32,65 +31,90 @@ fn read_all(mut flow: Flow) -> std::io::Result<Vec<u8>> {
     flow.read_to_end(&mut got).map(|_| got)
 }
 
+fn sender(port: u16, name: &str) -> Sender {
+    Sender::builder()
+        .destination("127.0.0.1", port)
+        .threads(3)
+        .foot_size(64 << 10)
+        .name(name)
+        .connect()
+        .expect("connect")
+}
+
 #[test]
-fn flows_in_parallel_arrive_exact() {
+fn flows_in_parallel_arrive_exact_through_one_receiver() {
     let sizes = [0usize, 1, 300_000, 3 << 20];
-    let runs: Vec<_> = sizes
+    let (port, mut r) = receiver();
+    let senders: Vec<_> = sizes
         .iter()
         .enumerate()
         .map(|(i, &len)| {
             std::thread::spawn(move || {
                 let want = data(len, i as u64 + 7);
-                let (port, flow) = receiver();
-                let reader = std::thread::spawn(move || read_all(flow));
-                let mut s = Sender::builder()
-                    .destination("127.0.0.1", port)
-                    .threads(3)
-                    .foot_size(64 << 10)
-                    .connect()
-                    .expect("connect");
+                let mut s = sender(port, &format!("backup/flow-{i}"));
                 // Writes of odd sizes: the sender cuts feet of its own.
                 for part in want.chunks(7777) {
                     s.write_all(part).expect("write");
                 }
                 let summary = s.finish().expect("finish");
                 assert_eq!(summary.bytes, len as u64);
-                let got = reader.join().unwrap().expect("the flow's bytes");
-                assert_same(&got, &want, &format!("flow {i}"));
             })
         })
         .collect();
-    within(120, "four flows", move || {
-        for r in runs {
-            r.join().expect("a flow failed");
+    within(120, "four flows into one receiver", move || {
+        let readers: Vec<_> = (0..sizes.len())
+            .map(|_| {
+                let flow = r.accept().expect("a flow");
+                let name = flow.name().expect("a named flow").to_string();
+                (name, std::thread::spawn(move || read_all(flow)))
+            })
+            .collect();
+        for (name, reader) in readers {
+            let i: usize = name.strip_prefix("backup/flow-").unwrap().parse().unwrap();
+            let got = reader.join().unwrap().expect("the flow's bytes");
+            assert_same(&got, &data(sizes[i], i as u64 + 7), &name);
         }
+        for s in senders {
+            s.join().expect("a sender failed");
+        }
+        // The receiver told of each flow as it opened and as it closed.
+        let events = r.events();
+        let (mut opened, mut closed) = (0, 0);
+        while closed < sizes.len() {
+            match events.recv().expect("the receiver's events") {
+                viamillipede::Event::FlowOpened { name, .. } => {
+                    assert!(name.unwrap().starts_with("backup/flow-"));
+                    opened += 1;
+                }
+                viamillipede::Event::FlowClosed { error, .. } => {
+                    assert_eq!(error, None, "a flow failed");
+                    closed += 1;
+                }
+                other => panic!("not a receiver's event: {other:?}"),
+            }
+        }
+        assert_eq!(opened, sizes.len());
     });
 }
 
 #[test]
 fn an_aborted_flow_fails_while_another_goes_on() {
     within(120, "abort beside a clean flow", || {
-        let (port_a, flow_a) = receiver();
-        let (port_b, flow_b) = receiver();
-        let read_a = std::thread::spawn(move || read_all(flow_a));
-        let read_b = std::thread::spawn(move || read_all(flow_b));
-        let mut a = Sender::builder()
-            .destination("127.0.0.1", port_a)
-            .threads(2)
-            .foot_size(64 << 10)
-            .connect()
-            .unwrap();
-        let mut b = Sender::builder()
-            .destination("127.0.0.1", port_b)
-            .threads(2)
-            .foot_size(64 << 10)
-            .connect()
-            .unwrap();
+        let (port, mut r) = receiver();
+        let mut a = sender(port, "a");
+        let mut b = sender(port, "b");
         let want = data(2 << 20, 3);
         let a_events = a.events();
         a.write_all(&want[..1 << 20]).unwrap();
         a.flush().unwrap();
         b.write_all(&want[..1 << 20]).unwrap();
+        b.flush().unwrap();
+        let mut readers = std::collections::HashMap::new();
+        for _ in 0..2 {
+            let flow = r.accept().unwrap();
+            let name = flow.name().unwrap().to_string();
+            readers.insert(name, std::thread::spawn(move || read_all(flow)));
+        }
         // The receiver has written some of it: a connection is up to carry
         // the abort.
         while !matches!(
@@ -104,7 +128,9 @@ fn an_aborted_flow_fails_while_another_goes_on() {
         );
         b.write_all(&want[1 << 20..]).unwrap();
         assert_eq!(b.finish().expect("the other flow").bytes, want.len() as u64);
-        let err = read_a
+        let err = readers
+            .remove("a")
+            .unwrap()
             .join()
             .unwrap()
             .expect_err("an aborted flow must not end cleanly");
@@ -113,7 +139,7 @@ fn an_aborted_flow_fails_while_another_goes_on() {
             "the receiver's error: {err}"
         );
         assert_same(
-            &read_b.join().unwrap().unwrap(),
+            &readers.remove("b").unwrap().join().unwrap().unwrap(),
             &want,
             "the flow beside it",
         );
@@ -121,15 +147,10 @@ fn an_aborted_flow_fails_while_another_goes_on() {
 }
 
 #[test]
-fn a_receiver_dropped_mid_flow_fails_the_sender() {
-    within(120, "receiver dropped", || {
-        let (port, mut flow) = receiver();
-        let mut s = Sender::builder()
-            .destination("127.0.0.1", port)
-            .threads(2)
-            .foot_size(64 << 10)
-            .connect()
-            .unwrap();
+fn a_flow_dropped_midway_fails_its_sender() {
+    within(120, "flow dropped", || {
+        let (port, mut r) = receiver();
+        let mut s = sender(port, "dropped");
         let writer = std::thread::spawn(move || {
             let chunk = data(1 << 20, 9);
             // Far more than the window and the pipes hold: the sender must
@@ -141,14 +162,86 @@ fn a_receiver_dropped_mid_flow_fails_the_sender() {
             }
             s.finish()
         });
+        let mut flow = r.accept().unwrap();
         let mut first = vec![0u8; 100_000];
         flow.read_exact(&mut first).expect("the start of the flow");
         drop(flow);
         let e = writer
             .join()
             .unwrap()
-            .expect_err("a dropped receiver is not success");
-        assert!(!e.to_string().is_empty());
+            .expect_err("a dropped flow is not success");
+        assert!(e.to_string().contains("the flow"), "{e}");
+    });
+}
+
+#[test]
+fn a_receiver_dropped_keeps_its_accepted_flow_and_takes_no_new_one() {
+    within(120, "receiver dropped", || {
+        let (port, mut r) = receiver();
+        let want = data(3 << 20, 21);
+        let mut s = sender(port, "kept");
+        s.write_all(&want[..1 << 20]).unwrap();
+        s.flush().unwrap();
+        let flow = r.accept().unwrap();
+        drop(r);
+        let reader = std::thread::spawn(move || read_all(flow));
+        s.write_all(&want[1 << 20..]).unwrap();
+        assert_eq!(
+            s.finish().expect("the accepted flow").bytes,
+            want.len() as u64
+        );
+        assert_same(&reader.join().unwrap().unwrap(), &want, "after the drop");
+        // Once its flow has ended, the socket is closed: nobody is served.
+        let mut late = Sender::builder()
+            .destination("127.0.0.1", port)
+            .threads(1)
+            .connect()
+            .unwrap();
+        late.write_all(b"nobody hears this").unwrap();
+        let aborted = late.abort("no receiver");
+        assert!(aborted.to_string().contains("no receiver"), "{aborted}");
+    });
+}
+
+#[test]
+fn a_receiver_serving_its_most_flows_refuses_another_as_busy() {
+    within(120, "max flows", || {
+        let (key, _) = viamillipede::crypto::Key::random().unwrap();
+        let mut r = Receiver::builder()
+            .address("127.0.0.1")
+            .key(key.clone())
+            .max_flows(1)
+            .bind()
+            .unwrap();
+        let port = r.local_addr().port();
+        let keyed = |name: &str| {
+            Sender::builder()
+                .destination("127.0.0.1", port)
+                .threads(2)
+                .foot_size(64 << 10)
+                .key(key.clone())
+                .name(name)
+                .connect()
+                .unwrap()
+        };
+        let mut first = keyed("first");
+        first.write_all(&data(1 << 20, 1)).unwrap();
+        first.flush().unwrap();
+        let flow = r.accept().unwrap();
+        assert_eq!(flow.name(), Some("first"));
+        let mut second = keyed("second");
+        second.write_all(b"no room for this").unwrap();
+        let busy = second.finish().expect_err("a second flow is refused");
+        assert!(busy.to_string().contains("busy"), "{busy}");
+        let reader = std::thread::spawn(move || read_all(flow));
+        assert_eq!(first.finish().unwrap().bytes, 1 << 20);
+        assert_eq!(reader.join().unwrap().unwrap().len(), 1 << 20);
+        // Its flow has ended: there is room again.
+        let mut third = keyed("third");
+        third.write_all(b"room again").unwrap();
+        let reading = std::thread::spawn(move || read_all(r.accept().unwrap()));
+        assert_eq!(third.finish().unwrap().bytes, 10);
+        assert_eq!(reading.join().unwrap().unwrap(), b"room again");
     });
 }
 
@@ -163,10 +256,6 @@ fn keys_and_encryption_through_the_builders() {
             .bind()
             .unwrap();
         let port = r.local_addr().port();
-        let reader = {
-            let flow = r.accept().unwrap();
-            std::thread::spawn(move || read_all(flow))
-        };
         let want = data(500_000, 5);
         let mut s = Sender::builder()
             .destination("127.0.0.1", port)
@@ -178,8 +267,10 @@ fn keys_and_encryption_through_the_builders() {
             .connect()
             .unwrap();
         s.write_all(&want).unwrap();
-        s.finish().expect("finish");
-        assert_same(&reader.join().unwrap().unwrap(), &want, "encrypted");
+        let sending = std::thread::spawn(move || s.finish());
+        let got = read_all(r.accept().unwrap()).unwrap();
+        sending.join().unwrap().expect("finish");
+        assert_same(&got, &want, "encrypted");
     });
 }
 
@@ -194,6 +285,13 @@ fn bad_options_are_refused_at_once() {
         .err()
         .expect("threads 0");
     assert!(zero.to_string().contains("threads"), "{zero}");
+    let bad_name = Sender::builder()
+        .destination("127.0.0.1", 9)
+        .name("../etc")
+        .connect()
+        .err()
+        .expect("a bad name");
+    assert!(bad_name.to_string().contains("name"), "{bad_name}");
     let keyless = Receiver::builder()
         .encrypt(true)
         .bind()
@@ -201,8 +299,8 @@ fn bad_options_are_refused_at_once() {
         .expect("no key");
     assert!(keyless.to_string().contains("key"), "{keyless}");
     let mut r = Receiver::builder().address("127.0.0.1").bind().unwrap();
-    let _flow = r.accept().unwrap();
-    assert!(r.accept().is_err(), "one flow per receiver");
+    let none = r.accept_timeout(Duration::from_millis(50)).unwrap();
+    assert!(none.is_none(), "no sender, no flow");
 }
 
 /// An example program, killed if the test ends before it does.
@@ -293,21 +391,37 @@ impl Drop for Example {
 
 /// The examples, as programs: one receives into a file, the other sends one.
 #[test]
-fn the_examples_send_and_receive_a_file() {
+fn the_examples_send_files_into_one_receiver() {
     let dir = std::env::temp_dir().join(format!("vm-examples-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (input, output) = (dir.join("in"), dir.join("out"));
-    let want = data(5 << 20, 11);
-    std::fs::write(&input, &want).unwrap();
-    let mut rx = Example::start("receive_file", &["0", output.to_str().unwrap()]);
+    let (sent, received) = (dir.join("sent"), dir.join("received"));
+    std::fs::create_dir_all(&sent).unwrap();
+    std::fs::create_dir_all(&received).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("part-{i}.bin"), data((i + 1) << 20, 11 + i as u64)))
+        .collect();
+    for (name, bytes) in &files {
+        std::fs::write(sent.join(name), bytes).unwrap();
+    }
+    let mut rx = Example::start("receive_files", &["0", received.to_str().unwrap(), "3"]);
     let port = rx.line();
-    let mut tx = Example::start(
-        "send_file",
-        &["127.0.0.1", port.trim(), input.to_str().unwrap(), "4"],
-    );
-    assert!(tx.wait().success(), "send_file: {}", tx.stderr());
-    assert!(rx.wait().success(), "receive_file: {}", rx.stderr());
-    assert_same(&std::fs::read(&output).unwrap(), &want, "the received file");
+    let mut txs: Vec<Example> = files
+        .iter()
+        .map(|(name, _)| {
+            let path = sent.join(name);
+            Example::start(
+                "send_file",
+                &["127.0.0.1", port.trim(), path.to_str().unwrap(), "4"],
+            )
+        })
+        .collect();
+    for tx in &mut txs {
+        assert!(tx.wait().success(), "send_file: {}", tx.stderr());
+    }
+    assert!(rx.wait().success(), "receive_files: {}", rx.stderr());
+    for (name, bytes) in &files {
+        let got = std::fs::read(received.join(name)).unwrap();
+        assert_same(&got, bytes, name);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -315,9 +429,13 @@ fn the_examples_send_and_receive_a_file() {
 fn events_tell_of_connections_progress_and_retransmits() {
     use viamillipede::Event;
     within(120, "events through a proxy that resets", || {
-        let (port, flow) = receiver();
-        let flow_events = flow.events();
-        let reader = std::thread::spawn(move || read_all(flow));
+        let (port, mut r) = receiver();
+        let (flow_events_tx, flow_events) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let flow = r.accept().unwrap();
+            flow_events_tx.send(flow.events()).unwrap();
+            read_all(flow)
+        });
         // The first connection through the proxy is reset after 200 kB.
         let proxy = crate::util::FaultProxy::with(port, |n| crate::util::Fault {
             reset_after: (n == 0).then_some(200_000),
@@ -355,10 +473,14 @@ fn events_tell_of_connections_progress_and_retransmits() {
             _ => None,
         });
         assert_eq!(last, Some(want.len() as u64), "the sender's last progress");
-        let rx_last = flow_events.try_iter().fold(None, |l, e| match e {
-            Event::Progress { bytes } => Some(bytes),
-            _ => l,
-        });
+        let rx_last = flow_events
+            .recv()
+            .unwrap()
+            .try_iter()
+            .fold(None, |l, e| match e {
+                Event::Progress { bytes } => Some(bytes),
+                _ => l,
+            });
         assert_eq!(
             rx_last,
             Some(want.len() as u64),

@@ -6,6 +6,7 @@ mod attacks;
 mod emulator;
 mod emulator_checks;
 mod ends;
+mod flows;
 mod hostile;
 mod keywords;
 mod library;

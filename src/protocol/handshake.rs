@@ -39,8 +39,12 @@ pub const FLAG_CHECKSUMS: u16 = 0x0004;
 pub const FLAG_UDP: u16 = 0x0008;
 /// Length of the UDP terms in a reply's extension.
 pub const UDP_TERMS_LEN: usize = 10;
+/// Hello flag: the stream has a name (`--name`): the extension's bytes
+/// after the nonce (all of them without a key) are that name, one that
+/// [`crate::protocol::check_name`] accepts.
+pub const FLAG_NAME: u16 = 0x0010;
 /// Every flag this version knows.
-pub const KNOWN_FLAGS: u16 = FLAG_AUTH | FLAG_ENCRYPT | FLAG_CHECKSUMS | FLAG_UDP;
+pub const KNOWN_FLAGS: u16 = FLAG_AUTH | FLAG_ENCRYPT | FLAG_CHECKSUMS | FLAG_UDP | FLAG_NAME;
 
 /// Length of a [`Hello`] without its extension.
 pub const HELLO_FIXED_LEN: usize = 44;

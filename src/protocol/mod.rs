@@ -43,6 +43,38 @@ pub const MAX_MESSAGE: usize = 1024;
 /// authentication data.
 pub const MAX_EXTENSION: usize = 4096;
 
+/// The longest stream name (`--name`).
+pub const MAX_NAME: usize = 128;
+
+/// Checks a stream's name (`--name`): 1 to [`MAX_NAME`] bytes of letters,
+/// digits and `. _ - + : @ /`, not starting with `-`, `.` or `/`, and no
+/// `..` between slashes. A receiver hands it to commands in an environment
+/// variable: nothing in it means anything to a shell, to a command's
+/// option parser, or as a path outside where it is used.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(format!(
+            "the name must be 1 to {MAX_NAME} bytes, this one has {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._-+:@/".contains(*c)))
+    {
+        return Err(format!(
+            "the name may hold letters, digits and . _ - + : @ /, not {c:?}"
+        ));
+    }
+    if name.starts_with(['-', '.', '/']) {
+        return Err("the name may not start with '-', '.' or '/'".into());
+    }
+    if name.split('/').any(|part| part.is_empty() || part == "..") {
+        return Err("the name may not hold '..' or an empty part between slashes".into());
+    }
+    Ok(())
+}
+
 fn be_u16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }

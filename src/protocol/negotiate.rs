@@ -29,8 +29,8 @@
 //! every refusal is unproven.
 
 use super::handshake::{
-    Hello, Reason, Reply, Status, FLAG_AUTH, FLAG_CHECKSUMS, FLAG_ENCRYPT, FLAG_UDP, KNOWN_FLAGS,
-    UDP_TERMS_LEN, VERSION,
+    Hello, Reason, Reply, Status, FLAG_AUTH, FLAG_CHECKSUMS, FLAG_ENCRYPT, FLAG_NAME, FLAG_UDP,
+    KNOWN_FLAGS, UDP_TERMS_LEN, VERSION,
 };
 use super::HandshakeError;
 use crate::crypto::{proofs_match, Key, NONCE_LEN, PROOF_LEN};
@@ -92,6 +92,22 @@ pub struct Offer {
     pub window: u32,
     /// Which worker opens the connection.
     pub worker: u16,
+    /// The stream's name (`--name`), checked by [`super::check_name`].
+    pub name: Option<String>,
+}
+
+/// The name a hello carries (`--name`), once [`RxNegotiation`] has let
+/// the hello through (it refuses a malformed one).
+pub fn name_of(hello: &Hello) -> Option<String> {
+    if hello.flags & FLAG_NAME == 0 {
+        return None;
+    }
+    let skip = match hello.flags & FLAG_AUTH {
+        0 => 0,
+        _ => NONCE_LEN,
+    };
+    let bytes = hello.extension.get(skip..)?;
+    std::str::from_utf8(bytes).ok().map(String::from)
 }
 
 /// The keys one connection's frames are protected with, once both sides
@@ -203,6 +219,11 @@ impl TxNegotiation {
         if t.udp {
             flags |= FLAG_UDP;
         }
+        let mut extension = nonce.map(Vec::from).unwrap_or_default();
+        if let Some(name) = &offer.name {
+            flags |= FLAG_NAME;
+            extension.extend_from_slice(name.as_bytes());
+        }
         let hello = Hello {
             flags,
             checkphrase: t.checkphrase,
@@ -210,7 +231,7 @@ impl TxNegotiation {
             foot_size: offer.foot_size,
             window: offer.window,
             worker: offer.worker,
-            extension: nonce.map(Vec::from).unwrap_or_default(),
+            extension,
         };
         let mut bytes = Vec::new();
         hello.encode(&mut bytes);
@@ -488,6 +509,26 @@ impl RxNegotiation {
             return self.reject(Reason::Other, &msg);
         }
         let auth = hello.flags & FLAG_AUTH != 0;
+        let nonce_len = if auth { NONCE_LEN } else { 0 };
+        match hello.flags & FLAG_NAME != 0 {
+            true => {
+                let name = hello.extension.get(nonce_len..).unwrap_or_default();
+                let checked = std::str::from_utf8(name)
+                    .map_err(|_| "the name is not UTF-8".to_string())
+                    .and_then(super::check_name);
+                if let Err(e) = checked {
+                    return self.reject(Reason::Parameters, &format!("bad stream name: {e}"));
+                }
+            }
+            false if hello.extension.len() != nonce_len => {
+                let what = match auth {
+                    true => "malformed authentication data",
+                    false => "unexpected extension data in the hello",
+                };
+                return self.reject(Reason::Auth, what);
+            }
+            false => {}
+        }
         let Some(key) = self.terms.key.clone() else {
             if auth {
                 return self.reject(
@@ -510,7 +551,7 @@ impl RxNegotiation {
                 "this receiver requires a key: give the sender --key-file",
             );
         }
-        if hello.extension.len() != NONCE_LEN {
+        if hello.extension.len() < NONCE_LEN {
             return self.reject(Reason::Auth, "malformed authentication data");
         }
         let mut challenge = Reply::new(Status::Challenge, Reason::None, 0, String::new());
@@ -623,7 +664,7 @@ impl RxNegotiation {
             let mac = key.mac(RX_VERDICT, &[hello_bytes, challenge, proof, &b[..signed]]);
             b[signed..].copy_from_slice(&mac);
             nonces = Some(Nonces {
-                tx: hello.extension[..]
+                tx: hello.extension[..NONCE_LEN]
                     .try_into()
                     .expect("checked nonce length"),
                 rx: self.nonce,
@@ -660,6 +701,7 @@ mod tests {
             foot_size: 1 << 20,
             window: 64,
             worker: 3,
+            name: None,
         }
     }
 
@@ -1011,5 +1053,68 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(ends.rx.is_none());
+    }
+
+    /// rx's view of a hello named `name`: the name it would hand on, or
+    /// how the hello was refused; `tamper` flips a bit that many bytes
+    /// from the hello's end.
+    fn named(
+        name: Option<&str>,
+        key: Option<Key>,
+        tamper: Option<usize>,
+    ) -> Result<Option<String>, String> {
+        let t = Terms {
+            checkphrase: [0; 4],
+            key,
+            encrypt: false,
+            checksums: false,
+            udp: false,
+        };
+        let mut o = offer(t.clone());
+        o.name = name.map(String::from);
+        let (mut tx, mut hello) = TxNegotiation::new(&o, [1; NONCE_LEN]);
+        if let Some(at) = tamper {
+            let at = hello.len() - 1 - at;
+            hello[at] ^= 0x01;
+        }
+        let mut rx = RxNegotiation::new(t, RECEIVER, [2; NONCE_LEN]);
+        let mut step = rx.on_hello(&hello);
+        if let RxStep::Challenge(c) = &step {
+            let TxStep::Send(proof) = tx.on_reply(c) else {
+                return Err("tx refused the challenge".into());
+            };
+            step = rx.on_proof(&proof);
+        }
+        match step {
+            RxStep::Decide(h) => Ok(name_of(&h)),
+            RxStep::Refuse(_, why) | RxStep::Drop(why) => Err(why),
+            RxStep::Challenge(_) => Err("a second challenge".into()),
+        }
+    }
+
+    #[test]
+    fn a_name_travels_in_the_hello_with_a_key_and_without() {
+        for key in [None, Some(key(4))] {
+            let named = |n| named(n, key.clone(), None);
+            assert_eq!(named(Some("tank/fs-1")), Ok(Some("tank/fs-1".into())));
+            // Unnamed, nothing (not even the nonce) is read as a name.
+            assert_eq!(named(None), Ok(None));
+        }
+    }
+
+    #[test]
+    fn a_name_changed_on_the_way_fails_the_key_and_a_bad_one_is_refused() {
+        // The name's last byte, 'b' to 'c': a good name, but not the one
+        // tx sent, so the proofs over the hello no longer hold (tx finds
+        // out first, from rx's).
+        let changed = named(Some("tank-b"), Some(key(5)), Some(0));
+        assert_eq!(changed, Err("tx refused the challenge".into()));
+        // Without a key a change cannot be told, but every name is checked.
+        for bad in ["../etc", "-rf", "a b", "a//b", "$(reboot)", ""] {
+            match named(Some(bad), None, None) {
+                Err(why) => assert!(why.contains("bad stream name"), "{bad}: {why}"),
+                Ok(n) => panic!("{bad:?} was not refused: {n:?}"),
+            }
+        }
     }
 }

@@ -4,19 +4,19 @@
 //! Anything that breaks the protocol only drops this connection: the
 //! stream in progress and the receiver carry on.
 
+use super::hub::Hub;
 use super::state::{Admission, Progress, Session, State};
 use super::udp;
 use super::{Arrived, Event};
 use crate::crypto::{self, DatagramKey, Opener, Sealer, PROOF_LEN};
 use crate::error::{shown, Error};
 use crate::protocol::handshake::FLAG_UDP;
-use crate::protocol::negotiate::UdpTerms;
+use crate::protocol::negotiate::{name_of, UdpTerms};
 use crate::protocol::negotiate::{RxNegotiation, RxStep, Terms, Verdict};
 use crate::protocol::{HandshakeError, Kind, HEADER_LEN};
 use crate::stats::LinkState;
 use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
-use crossbeam_channel::Sender;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
@@ -28,35 +28,32 @@ use zstd::bulk::Decompressor;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one accepted connection to the end.
-pub fn handle(
-    state: &Arc<State>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    feet: &Sender<Arrived>,
-    events: &Sender<Event>,
-    pass: net::Pass,
-) {
-    let outcome = handshake(state, &mut stream, peer);
+pub fn handle(hub: &Arc<Hub>, mut stream: TcpStream, peer: SocketAddr, pass: net::Pass) {
+    let outcome = handshake(hub, &mut stream, peer);
     // Out of the handshake: the gate's place goes to another.
     drop(pass);
     let Accepted {
+        state,
         session,
         channel,
         checksums,
         udp,
     } = match outcome {
         Handshake::Serve(s) => *s,
-        Handshake::ToldComplete => {
+        Handshake::ToldComplete(state) => {
             // The sender knows now: rx need not wait for it any longer.
-            state.confirm();
-            let _ = events.send(Event::Confirmed);
+            if let Some(state) = state {
+                state.confirm();
+                let _ = state.events.send(Event::Confirmed);
+            }
             return;
         }
         Handshake::Refused => {
-            state.refused.fetch_add(1, Ordering::Relaxed);
+            hub.refused.fetch_add(1, Ordering::Relaxed);
             return;
         }
     };
+    let (state, events) = (&state, &state.events);
     let writer = match stream.try_clone() {
         Ok(w) => w,
         Err(e) => {
@@ -86,18 +83,15 @@ pub fn handle(
         peer: peer.to_string(),
     });
     let udp = match udp {
-        Some((terms, key)) => match (
-            stream.local_addr().map(|l| state.udp(l)),
-            stream.try_clone(),
-        ) {
+        Some((terms, key)) => match (stream.local_addr().map(|l| hub.udp(l)), stream.try_clone()) {
             (Ok(Ok(socket)), Ok(closer)) => {
                 let flow = udp::Flow::new(
+                    Arc::clone(state),
                     Arc::clone(&conn),
                     session,
                     key,
                     checksums,
                     closer,
-                    feet.clone(),
                 );
                 socket.join(terms.token, flow);
                 Some((socket, terms.token))
@@ -113,9 +107,9 @@ pub fn handle(
         outbox: &conn.outbox,
     };
     let reader = FrameReader::new(metered, opener, session.foot_size).with_checksums(checksums);
-    let result = receive(state, reader, session, &conn, feet);
+    let result = receive(state, reader, session, &conn);
     if let Some((socket, token)) = udp {
-        socket.leave(state, token);
+        socket.leave(token);
     }
     conn.outbox.close();
     match &result {
@@ -159,13 +153,15 @@ enum Handshake {
     /// Serve the connection.
     Serve(Box<Accepted>),
     /// The stream was complete, and the sender has been told so.
-    ToldComplete,
+    ToldComplete(Option<Arc<State>>),
     /// Refused or failed.
     Refused,
 }
 
 /// What was agreed for an accepted connection.
 struct Accepted {
+    /// The flow it joins.
+    state: Arc<State>,
     session: Session,
     /// Its keys, when it is encrypted.
     channel: Option<(Sealer, Opener)>,
@@ -179,8 +175,9 @@ struct Accepted {
 /// within one deadline however slowly its bytes drip: reads what the sender
 /// sends, writes what the negotiation answers, and lets the session decide
 /// whether the sender may join.
-fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Handshake {
-    let limit = state.config.handshake_timeout;
+fn handshake(hub: &Arc<Hub>, stream: &mut TcpStream, peer: SocketAddr) -> Handshake {
+    let config = &hub.config;
+    let limit = config.handshake_timeout;
     if stream.set_write_timeout(Some(limit)).is_err() {
         return Handshake::Refused;
     }
@@ -204,13 +201,13 @@ fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Ha
         }
     };
     let terms = Terms {
-        checkphrase: state.config.checkphrase,
-        key: state.config.key.clone(),
-        encrypt: state.config.encrypt,
-        checksums: state.config.checksums,
+        checkphrase: config.checkphrase,
+        key: config.key.clone(),
+        encrypt: config.encrypt,
+        checksums: config.checksums,
         udp: false,
     };
-    let mut negotiation = RxNegotiation::new(terms, state.receiver, nonce);
+    let mut negotiation = RxNegotiation::new(terms, hub.receiver, nonce);
     let mut input = net::Deadline {
         stream,
         until: deadline,
@@ -253,7 +250,7 @@ fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Ha
         RxStep::Drop(why) => {
             // Once the stream is over, late connections (a reverse-mode
             // receiver's dialers, a sender going away) are no news.
-            match state.progress() == Progress::Running {
+            match hub.expecting() {
                 true => log::warn!("{peer}: {}", shown(&why)),
                 false => log::debug!("{peer}: {}", shown(&why)),
             }
@@ -262,12 +259,13 @@ fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Ha
         }
         RxStep::Challenge(_) => unreachable!("one challenge per handshake"),
     };
-    let (verdict, session) = match state.admit(&hello) {
+    let (admission, state) = hub.admit(&hello, name_of(&hello), peer);
+    let (verdict, session) = match admission {
         Admission::Accept(session, delivered) => {
             let udp = (hello.flags & FLAG_UDP != 0)
                 .then(|| {
                     let local = stream.local_addr().ok()?;
-                    let socket = state.udp(local).ok()?;
+                    let socket = hub.udp(local).ok()?;
                     Some(UdpTerms {
                         port: socket.port,
                         token: socket.token(),
@@ -287,21 +285,21 @@ fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Ha
     if stream.write_all(&answer).is_err() {
         return Handshake::Refused;
     }
-    let (Some(agreed), Some(session)) = (agreed, session) else {
+    let (Some(agreed), Some(session), Some(state)) = (agreed, session, state.clone()) else {
         return match complete {
-            true => Handshake::ToldComplete,
+            true => Handshake::ToldComplete(state),
             false => Handshake::Refused,
         };
     };
     let ok = stream.set_read_timeout(None).is_ok()
         && stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_ok()
-        && net::tune(stream, &state.config.socket).is_ok();
-    let channel = match (&state.config.key, agreed.nonces) {
+        && net::tune(stream, &config.socket).is_ok();
+    let channel = match (&config.key, agreed.nonces) {
         (Some(key), Some(n)) => Some(key.channel(&n.tx, &n.rx, false, agreed.encrypt)),
         _ => None,
     };
     let udp = agreed.udp.map(|terms| {
-        let key = match (&state.config.key, agreed.nonces) {
+        let key = match (&config.key, agreed.nonces) {
             (Some(key), Some(n)) => Some(key.datagrams(&n.tx, &n.rx, agreed.encrypt)),
             _ => None,
         };
@@ -309,6 +307,7 @@ fn handshake(state: &Arc<State>, stream: &mut TcpStream, peer: SocketAddr) -> Ha
     });
     match ok {
         true => Handshake::Serve(Box::new(Accepted {
+            state,
             session,
             channel,
             checksums: agreed.checksums,
@@ -361,7 +360,6 @@ fn receive(
     mut reader: FrameReader<Metered<'_>>,
     session: Session,
     conn: &Arc<super::state::Conn>,
-    feet: &Sender<Arrived>,
 ) -> io::Result<Option<String>> {
     let pool = state.pool(session);
     let mut decompressor: Option<Decompressor> = None;
@@ -415,7 +413,6 @@ fn receive(
             state,
             session,
             conn,
-            feet,
             Piece {
                 id: h.id,
                 data,
@@ -449,7 +446,6 @@ pub fn hand_over(
     state: &State,
     session: Session,
     conn: &Arc<super::state::Conn>,
-    feet: &Sender<Arrived>,
     piece: Piece,
     decompressor: &mut Option<Decompressor<'static>>,
 ) -> io::Result<bool> {
@@ -491,7 +487,8 @@ pub fn hand_over(
     state.arrived.fetch_add(1, Ordering::Relaxed);
     // From here the sequencer releases what the foot holds.
     reserved.bytes = 0;
-    if feet
+    if state
+        .feet
         .send(Arrived {
             id,
             data,

@@ -6,6 +6,8 @@
 //! reconnect timeout once every connection of a started stream is gone.
 
 mod conn;
+mod exec;
+pub mod hub;
 mod outbox;
 mod sequencer;
 mod state;
@@ -18,7 +20,8 @@ use crate::protocol::handshake::Dial;
 use crate::signals::Reporter;
 use crate::stats::{human_bytes, LinkState};
 use crate::{net, report, Summary};
-use crossbeam_channel::{RecvTimeoutError, Sender};
+use crossbeam_channel::RecvTimeoutError;
+use hub::{Flows, Hub, Output};
 pub use state::random_id;
 use state::{Progress, State};
 use std::fmt::Write as _;
@@ -65,9 +68,18 @@ pub enum Event {
     Confirmed,
 }
 
-/// Listens as `config` says and writes the stream to stdout.
+/// Listens as `config` says and writes the stream to stdout, or (with
+/// `--exec`) runs the command for each flow.
 pub fn run(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
+    if let Some(command) = &config.exec {
+        let listener = listen(config, addr, port)?;
+        return exec::serve(config, listener, command, told_listening);
+    }
     run_into(config, addr, port, Stdout::open()?)
+}
+
+fn told_listening(addr: std::net::SocketAddr) {
+    let _ = writeln!(std::io::stderr(), "viamillipede: listening on {addr}");
 }
 
 /// The process's stdout as the stream's output. Once the output is done
@@ -102,6 +114,8 @@ impl Write for Stdout {
     }
 }
 
+impl Output for Stdout {}
+
 impl Drop for Stdout {
     fn drop(&mut self) {
         drop(self.0.take());
@@ -111,24 +125,26 @@ impl Drop for Stdout {
     }
 }
 
-/// Listens as `config` says and writes the stream to `out`.
-pub fn run_into(
-    config: &Config,
-    addr: Option<&str>,
-    port: u16,
-    out: impl Write + Send + 'static,
-) -> Result<Summary> {
-    let listener = net::listen(addr, port, &config.socket).map_err(|e| {
+fn listen(config: &Config, addr: Option<&str>, port: u16) -> Result<TcpListener> {
+    net::listen(addr, port, &config.socket).map_err(|e| {
         let shown = match addr {
             Some(a) if a.contains(':') => format!("[{a}]:{port}"),
             Some(a) => format!("{a}:{port}"),
             None => format!("port {port}"),
         };
         Error::io(format!("listen on {shown}"), e)
-    })?;
-    receive(config, listener, out, |addr| {
-        let _ = writeln!(std::io::stderr(), "viamillipede: listening on {addr}");
     })
+}
+
+/// Listens as `config` says and writes the stream to `out`.
+pub fn run_into(
+    config: &Config,
+    addr: Option<&str>,
+    port: u16,
+    out: impl Output + 'static,
+) -> Result<Summary> {
+    let listener = listen(config, addr, port)?;
+    receive(config, listener, out, told_listening)
 }
 
 /// Serves `listener`, writing the stream to `out`; `on_ready` is told the
@@ -136,7 +152,7 @@ pub fn run_into(
 pub fn receive(
     config: &Config,
     listener: TcpListener,
-    out: impl Write + Send + 'static,
+    out: impl Output + 'static,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<Summary> {
     let local = listener
@@ -166,7 +182,7 @@ pub fn run_on(config: &Config, listener: TcpListener) -> Result<Summary> {
 pub fn receive_dialing(
     config: &Config,
     destinations: &[Destination],
-    out: impl Write + Send + 'static,
+    out: impl Output + 'static,
 ) -> Result<Summary> {
     receive_from(config, Incoming::Dial(destinations.to_vec()), out, || {})
 }
@@ -179,67 +195,99 @@ enum Incoming {
     Dial(Vec<Destination>),
 }
 
+/// Installs the command line's signal handlers for a receiver: SIGUSR1
+/// reports every flow, SIGINT and SIGTERM stop them.
+fn signals(hub: &Arc<Hub>) -> Result<Option<Reporter>> {
+    if !hub.config.signals {
+        return Ok(None);
+    }
+    let (reported, stopped) = (Arc::clone(hub), Arc::clone(hub));
+    let stop = move |sig| {
+        let why = format!("stopped by {}", crate::error::signal_name(sig));
+        stopped.stop(&why, || Error::Interrupted(sig));
+    };
+    Reporter::spawn(move || report(&reported), stop)
+        .map(Some)
+        .map_err(|e| Error::io("install signal handlers", e))
+}
+
+/// One flow's receiver: the stream from whichever sender arrives first.
 fn receive_from(
     config: &Config,
     incoming: Incoming,
-    out: impl Write + Send + 'static,
+    out: impl Output + 'static,
     on_ready: impl FnOnce(),
 ) -> Result<Summary> {
-    let state = Arc::new(State::new(config.clone()));
-    let (feet_tx, feet_rx) = crossbeam_channel::unbounded();
-    let (events_tx, events_rx) = crossbeam_channel::unbounded();
-    let _reporter = {
-        let (state, stopped) = (Arc::clone(&state), Arc::clone(&state));
-        let events = events_tx.clone();
-        let stop = move |sig| {
-            let why = format!("stopped by {}", crate::error::signal_name(sig));
-            stopped.end(Progress::Failed(why));
-            let _ = events.send(Event::Finished(Err(Error::Interrupted(sig))));
-        };
-        match config.signals {
-            true => Some(
-                Reporter::spawn(move || report(&state), stop)
-                    .map_err(|e| Error::io("install signal handlers", e))?,
-            ),
-            false => None,
-        }
-    };
+    let (state, (feet_rx, events_rx)) = State::new(config.clone());
+    let state = Arc::new(state);
+    let hub = Hub::new(config.clone(), Flows::One(Arc::clone(&state)));
+    let _reporter = signals(&hub)?;
     {
-        let (state, events) = (Arc::clone(&state), events_tx.clone());
+        let state = Arc::clone(&state);
         spawn("rx-sequencer", move || {
-            sequencer::run(&state, out, feet_rx, events)
+            sequencer::run(&state, Box::new(out), feet_rx)
         })?;
     }
     // A receiver that dials is the active party: it gives up after the
     // reconnect timeout from the start, as tx does.
     let dialing = matches!(incoming, Incoming::Dial(_));
     match incoming {
-        Incoming::Listen(listener) => {
-            let state = Arc::clone(&state);
-            spawn("rx-acceptor", move || {
-                accept(&state, &listener, &feet_tx, &events_tx)
-            })?;
-        }
+        Incoming::Listen(listener) => hub.listen(listener)?,
         Incoming::Dial(destinations) => {
             for (rank, dest) in destinations.into_iter().enumerate() {
                 for index in 0..config.threads {
-                    let (state, feet, events) =
-                        (Arc::clone(&state), feet_tx.clone(), events_tx.clone());
+                    let hub = Arc::clone(&hub);
                     let dest = dest.clone();
                     spawn(&format!("rx-dialer-{rank}-{index}"), move || {
-                        dial(&state, &dest, rank as u16, index, &feet, &events)
+                        dial(&hub, &dest, rank as u16, index)
                     })?;
                 }
             }
         }
     }
     on_ready();
+    let result = drive(&hub, &state, &events_rx, dialing, |_| {});
+    hub.close();
+    result
+}
+
+/// Starts a new flow of a receiver that serves several: its sequencer
+/// writing `output`, and its driver, which tells `on_end` the outcome and
+/// the hub that the flow has ended.
+fn start_flow(
+    hub: &Arc<Hub>,
+    state: &Arc<State>,
+    (feet_rx, events_rx): state::Ends,
+    output: Box<dyn Output>,
+    on_end: hub::OnEnd,
+) -> Result<()> {
+    let s = Arc::clone(state);
+    spawn("rx-sequencer", move || sequencer::run(&s, output, feet_rx))?;
+    let (hub, state) = (Arc::clone(hub), Arc::clone(state));
+    spawn("rx-flow", move || {
+        let result = drive(&hub, &state, &events_rx, false, on_end);
+        hub.ended(&state, &result);
+    })
+}
+
+/// Follows one flow to its end: the reconnect timeout once every
+/// connection is gone, the linger for the sender to hear the outcome, and
+/// the output closed after the foot being written. `told` hears the
+/// outcome as soon as it is known, before the linger.
+fn drive(
+    hub: &Hub,
+    state: &Arc<State>,
+    events_rx: &crossbeam_channel::Receiver<Event>,
+    dialing: bool,
+    told: impl FnOnce(&Result<Summary>),
+) -> Result<Summary> {
+    let config = &state.config;
     // The clock and the monitor start with the first connection, not
     // while rx waits for a sender.
     let mut monitor: Option<Monitor> = None;
     let start_monitor = || {
         state.clock.restart();
-        let state = Arc::clone(&state);
+        let state = Arc::clone(state);
         Monitor::start(
             move || (state.written.load(Ordering::Relaxed), 0),
             config.display,
@@ -251,9 +299,9 @@ fn receive_from(
     let timeout = config.reconnect_timeout;
     let mut lost_since: Option<Instant> = dialing.then(Instant::now);
     // When the user was last told that rx is waiting for the sender.
-    let mut told: Option<Instant> = None;
+    let mut told_waiting: Option<Instant> = None;
     let outcome = loop {
-        let event = match (lost_since, told) {
+        let event = match (lost_since, told_waiting) {
             (None, _) => events_rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
             (Some(t), Some(n)) => events_rx.recv_deadline((t + timeout).min(n + TELL_EVERY)),
             (Some(t), None) => events_rx.recv_deadline(t + timeout),
@@ -263,7 +311,7 @@ fn receive_from(
                 if monitor.is_none() {
                     monitor = Some(start_monitor());
                 }
-                if let (Some(since), Some(_)) = (lost_since, told.take()) {
+                if let (Some(since), Some(_)) = (lost_since, told_waiting.take()) {
                     log::warn!(
                         "the sender is back after {:.1} s",
                         since.elapsed().as_secs_f64()
@@ -278,13 +326,13 @@ fn receive_from(
                             "every connection from the sender is gone; waiting up to {} for it to come back",
                             crate::stats::human_duration(timeout)
                         );
-                        told = Some(Instant::now());
+                        told_waiting = Some(Instant::now());
                     }
                     lost_since.get_or_insert_with(Instant::now);
                 }
             }
             Err(RecvTimeoutError::Timeout)
-                if told.is_some_and(|n| n.elapsed() >= TELL_EVERY)
+                if told_waiting.is_some_and(|n| n.elapsed() >= TELL_EVERY)
                     && lost_since.is_some_and(|t| t.elapsed() < timeout) =>
             {
                 let gone = lost_since.map_or(Duration::ZERO, |t| t.elapsed());
@@ -293,7 +341,7 @@ fn receive_from(
                     crate::stats::human_duration(gone),
                     crate::stats::human_duration(timeout.saturating_sub(gone))
                 );
-                told = Some(Instant::now());
+                told_waiting = Some(Instant::now());
             }
             Ok(Event::Finished(result)) => break result,
             Ok(Event::Confirmed) => {}
@@ -316,6 +364,24 @@ fn receive_from(
             }
         }
     };
+    let refused = state.refused.load(Ordering::Relaxed)
+        + match hub.with_many(|_| ()) {
+            Some(()) => 0,
+            None => hub.refused.load(Ordering::Relaxed),
+        };
+    let result = outcome.map(|bytes| Summary {
+        bytes,
+        elapsed: state.clock.elapsed(),
+        detail: format!(
+            "{} duplicate feet, {refused} connections refused",
+            state.duplicates.load(Ordering::Relaxed),
+        ),
+    });
+    if result.is_err() {
+        // A flow that failed writes nothing more, whoever is writing.
+        state.end(Progress::Failed("the stream failed".into()));
+    }
+    told(&result);
 
     // Let the senders hear the outcome and close first, so their last
     // frames are not cut off by a reset; a complete stream waits for the
@@ -341,22 +407,12 @@ fn receive_from(
     let throughput = monitor.map(Monitor::finish).unwrap_or_default();
     // Kept for the stats document only: a library's receivers leave none.
     if config.stats_json.is_some() {
-        record_side(&state, throughput);
+        record_side(state, throughput);
     }
     if config.verbose >= 2 {
-        log::debug!("{}", report(&state).trim_end());
+        log::debug!("{}", flow_report(state).trim_end());
     }
-    let bytes = outcome?;
-    let detail = format!(
-        "{} duplicate feet, {} connections refused",
-        state.duplicates.load(Ordering::Relaxed),
-        state.refused.load(Ordering::Relaxed)
-    );
-    Ok(Summary {
-        bytes,
-        elapsed: state.clock.elapsed(),
-        detail,
-    })
+    result
 }
 
 /// Records what rx did for `--stats-json`. Connections that closed are
@@ -390,54 +446,47 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {
         .map_err(|e| Error::io(format!("spawn thread {name}"), e))
 }
 
-/// Accepts connections forever, each on a thread of its own, through the
-/// handshake gate.
-fn accept(
-    state: &Arc<State>,
-    listener: &TcpListener,
-    feet: &Sender<Arrived>,
-    events: &Sender<Event>,
-) {
-    net::accept_loop(listener, |stream, peer| {
-        let pass = state.gate.enter(&stream, peer.ip());
-        let (state, feet, events) = (Arc::clone(state), feet.clone(), events.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("rx-conn-{peer}"))
-            .spawn(move || conn::handle(&state, stream, peer, &feet, &events, pass));
-        if let Err(e) = spawned {
-            log::warn!("{peer}: no thread for the connection: {e}");
-        }
-        true
-    });
+/// Accepts connections until the hub closes, each on a thread of its own,
+/// through the handshake gate.
+fn accept(hub: &Arc<Hub>, listener: &TcpListener) {
+    net::accept_loop(
+        listener,
+        || !hub.closed(),
+        |stream, peer| {
+            let pass = hub.gate.enter(&stream, peer.ip());
+            let hub = Arc::clone(hub);
+            let spawned = std::thread::Builder::new()
+                .name(format!("rx-conn-{peer}"))
+                .spawn(move || conn::handle(&hub, stream, peer, pass));
+            if let Err(e) = spawned {
+                log::warn!("{peer}: no thread for the connection: {e}");
+            }
+            true
+        },
+    );
 }
 
 /// Keeps one connection to a listening sender open until the stream ends:
 /// dials (with backoff), names its rank and index, then serves it like an
 /// accepted connection.
-fn dial(
-    state: &Arc<State>,
-    dest: &Destination,
-    rank: u16,
-    index: u16,
-    feet: &Sender<Arrived>,
-    events: &Sender<Event>,
-) {
+fn dial(hub: &Arc<Hub>, dest: &Destination, rank: u16, index: u16) {
     let mut backoff = DIAL_BACKOFF_START;
-    while state.wants_sender() {
-        let connected = net::connect(dest, DIAL_TIMEOUT, &state.config.socket).and_then(|mut s| {
+    let wanted = || hub.states().iter().any(|s| s.wants_sender());
+    while wanted() {
+        let connected = net::connect(dest, DIAL_TIMEOUT, &hub.config.socket).and_then(|mut s| {
             s.write_all(&Dial { rank, index }.encode())?;
             let peer = s.peer_addr()?;
             Ok((s, peer))
         });
         match connected {
             Ok((stream, peer)) => {
-                let pass = state.gate.enter(&stream, peer.ip());
-                conn::handle(state, stream, peer, feet, events, pass);
+                let pass = hub.gate.enter(&stream, peer.ip());
+                conn::handle(hub, stream, peer, pass);
                 backoff = DIAL_BACKOFF_START;
             }
             Err(e) => log::debug!("connect to {dest}: {e}"),
         }
-        if !state.wants_sender() {
+        if !wanted() {
             break;
         }
         // A retry delay, not a wait for anything: the process ends the
@@ -451,9 +500,36 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_BACKOFF_START: Duration = Duration::from_millis(100);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// The SIGUSR1 report.
-fn report(state: &State) -> String {
+/// The SIGUSR1 report: every flow being served.
+fn report(hub: &Hub) -> String {
     let mut out = String::from("viamillipede rx report\n");
+    let states = hub.states();
+    if let Some((started, failed, bytes)) = hub.with_many(|m| (m.started, m.failed, m.bytes)) {
+        let _ = writeln!(
+            out,
+            "  flows: {} being served, {started} started, {failed} failed, {} written by flows that ended",
+            states.len(),
+            human_bytes(bytes)
+        );
+    }
+    for state in &states {
+        if hub.with_many(|_| ()).is_some() {
+            let _ = writeln!(out, " flow {}", state.label());
+        }
+        out.push_str(&flow_report(state));
+    }
+    let _ = writeln!(
+        out,
+        "  {} handshaking, {} refused in the handshake",
+        hub.gate.open(),
+        hub.refused.load(Ordering::Relaxed)
+    );
+    out
+}
+
+/// One flow's part of the report.
+fn flow_report(state: &State) -> String {
+    let mut out = String::new();
     let conns = state.connections();
     for (i, c) in conns.iter().enumerate() {
         out.push_str(&c.link.line(&format!("conn-{i}"), ""));
@@ -473,8 +549,7 @@ fn report(state: &State) -> String {
         .saturating_sub(duplicates + delivered);
     let _ = writeln!(
         out,
-        "  connections {receiving} up, {} handshaking, {} refused; {buffered} feet buffered ({} out of order); duplicates {duplicates}; next foot {delivered}; total {}",
-        state.gate.open(),
+        "  connections {receiving} up, {} dropped; {buffered} feet buffered ({} out of order); duplicates {duplicates}; next foot {delivered}; total {}",
         state.refused.load(Ordering::Relaxed),
         state.reorder_feet.load(Ordering::Relaxed),
         human_bytes(written),

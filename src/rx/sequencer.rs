@@ -5,13 +5,13 @@
 //! (the flow-control window), and at the end of the stream confirms the
 //! total, or reports why writing failed.
 
+use super::hub::Output;
 use super::state::{Progress, State};
 use super::{Arrived, Event};
 use crate::error::Error;
 use crate::prbs::Verifier;
 use crate::reorder::{Pushed, Reorder};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::io::Write;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use xxhash_rust::xxh3::Xxh3Default;
@@ -24,8 +24,10 @@ use xxhash_rust::xxh3::Xxh3Default;
 /// switches of a loopback transfer.
 const TELL_ALL_EVERY: Duration = Duration::from_millis(100);
 
-/// Writes feet from `feet` to `out` in order until the stream ends.
-pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: Sender<Event>) {
+/// Writes feet from `feet` to `out` in order until the stream ends, or
+/// has failed.
+pub fn run(state: &State, mut out: Box<dyn Output>, feet: Receiver<Arrived>) {
+    let events = &state.events;
     let mut reorder: Reorder<crate::pool::Buffer> = Reorder::new();
     let mut verifier = state.config.prbs.map(Verifier::new);
     // Only a stream with checksums gets a digest; its connections say so
@@ -38,6 +40,10 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
         let foot = match feet.recv_timeout(TELL_ALL_EVERY) {
             Ok(f) => f,
             Err(RecvTimeoutError::Timeout) => {
+                if matches!(state.progress(), Progress::Failed(_)) {
+                    // Dropped, the output hears that the stream failed.
+                    return;
+                }
                 // Quiet: make sure no connection is left with old news, in
                 // case the one that was told has gone dark.
                 if told_all < reorder.next() {
@@ -81,8 +87,9 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
                     }
                 }
                 Some(Err(e)) => {
-                    state.end(Progress::Failed(format!("write to stdout: {e}")));
-                    let _ = events.send(Event::Finished(Err(Error::io("write to stdout", e))));
+                    let what = format!("write to {}", out.what());
+                    state.end(Progress::Failed(format!("{what}: {e}")));
+                    let _ = events.send(Event::Finished(Err(Error::io(what, e))));
                     return;
                 }
                 // The run is over: nothing more may be written.
@@ -102,6 +109,13 @@ pub fn run(state: &State, mut out: impl Write, feet: Receiver<Arrived>, events: 
                 let total = state.written.load(Ordering::Relaxed);
                 if state.checksummed.load(Ordering::Relaxed) {
                     log::info!("stream digest (xxh3-128): {:032x}", digest.digest128());
+                }
+                // Complete only once the output took it all (a command
+                // given the stream exited 0).
+                if let Err(e) = out.finish() {
+                    state.end(Progress::Failed(e.to_string()));
+                    let _ = events.send(Event::Finished(Err(Error::Output(e.to_string()))));
+                    return;
                 }
                 // Complete before the sender can hear it: a sender that
                 // then closes a connection is seen to know.

@@ -1,6 +1,7 @@
-//! What the receiver's threads share: the one session it serves, the
-//! connections carrying it, how far the output has been written, and
-//! whether the stream has ended.
+//! What one flow's threads share: its session, the connections carrying
+//! it, how far the output has been written, and whether the stream has
+//! ended. A receiver serving several flows ([`super::hub::Hub`]) has one of
+//! these per flow.
 
 use super::outbox::{End, Outbox};
 use crate::config::Config;
@@ -8,6 +9,7 @@ use crate::pool::Pool;
 use crate::protocol::{Hello, Reason, MAX_FOOT, MAX_WINDOW, MAX_WINDOW_BYTES};
 use crate::report;
 use crate::stats::{Clock, Link};
+use crossbeam_channel::{Receiver, Sender};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -44,11 +46,17 @@ pub struct Conn {
     pub outbox: Outbox,
 }
 
-/// State shared by the acceptor, the connections and the sequencer.
+/// State shared by a flow's connections, its sequencer and its driver.
 #[derive(Debug)]
 pub struct State {
     /// The run's options.
     pub config: Config,
+    /// Where its connections hand feet to its sequencer.
+    pub feet: Sender<super::Arrived>,
+    /// Where its threads tell its driver what happened.
+    pub events: Sender<super::Event>,
+    /// The stream's name (`--name` on the sender), once a sender named it.
+    pub name: OnceLock<String>,
     session: Mutex<Option<Session>>,
     progress: Mutex<Progress>,
     conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
@@ -63,28 +71,21 @@ pub struct State {
     pub duplicates: AtomicU64,
     /// Feet waiting in the reorder buffer.
     pub reorder_feet: AtomicUsize,
-    /// Connections refused or dropped for breaking the protocol.
+    /// Connections dropped for breaking the protocol.
     pub refused: AtomicU64,
     /// Whether the stream's feet carry checksums.
     pub checksummed: AtomicBool,
-    /// Connections in their handshake, at most so many per source.
-    pub gate: std::sync::Arc<crate::net::Gate>,
     /// Payload bytes received and not yet written or dropped.
     buffered: AtomicU64,
     /// Throughput clock.
     pub clock: Clock,
     pool: OnceLock<Pool>,
-    /// This process's random id, sent in every reply.
-    pub receiver: [u8; 8],
     /// Counters of closed connections, for the stats document.
     closed: Mutex<Vec<report::Connection>>,
     /// Held while a foot is written; false once the output is closed.
     output_open: Mutex<bool>,
     /// When the sender was first seen to know the stream is complete.
     confirmed: Mutex<Option<Instant>>,
-    /// The UDP sockets, one per local address senders reached, opened when
-    /// a sender first asked (`--udp`), or why one could not be opened.
-    udp: Mutex<BTreeMap<std::net::IpAddr, Result<Arc<super::udp::UdpRx>, String>>>,
 }
 
 /// The verdict on a handshake.
@@ -111,12 +112,19 @@ pub fn random_id() -> [u8; 8] {
     id
 }
 
+/// The other ends of a flow's channels: its sequencer reads the feet, its
+/// driver the events.
+pub type Ends = (Receiver<super::Arrived>, Receiver<super::Event>);
+
 impl State {
-    /// Fresh state for a receiver.
-    pub fn new(config: Config) -> State {
-        let receiver = config.local_receiver.unwrap_or_else(random_id);
-        State {
-            receiver,
+    /// Fresh state for a flow, and the other ends of its channels.
+    pub fn new(config: Config) -> (State, Ends) {
+        let (feet, feet_rx) = crossbeam_channel::unbounded();
+        let (events, events_rx) = crossbeam_channel::unbounded();
+        let state = State {
+            feet,
+            events,
+            name: OnceLock::new(),
             config,
             session: Mutex::new(None),
             progress: Mutex::new(Progress::Running),
@@ -128,7 +136,6 @@ impl State {
             duplicates: AtomicU64::new(0),
             reorder_feet: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
-            gate: crate::net::Gate::new(),
             buffered: AtomicU64::new(0),
             checksummed: AtomicBool::new(false),
             clock: Clock::new(),
@@ -136,37 +143,39 @@ impl State {
             closed: Mutex::new(Vec::new()),
             output_open: Mutex::new(true),
             confirmed: Mutex::new(None),
-            udp: Mutex::new(BTreeMap::new()),
-        }
+        };
+        (state, (feet_rx, events_rx))
     }
 
-    /// The UDP socket on the address and port a TCP connection reached
-    /// (`local`), opened the first time a sender asks there.
-    pub fn udp(
-        self: &Arc<Self>,
-        local: std::net::SocketAddr,
-    ) -> Result<Arc<super::udp::UdpRx>, String> {
-        let local = std::net::SocketAddr::new(local.ip().to_canonical(), local.port());
-        Self::lock(&self.udp)
-            .entry(local.ip())
-            .or_insert_with(|| {
-                super::udp::UdpRx::open(self, local).map_err(|e| {
-                    let why = format!("cannot open UDP port {local}: {e}");
-                    log::warn!("{why}");
-                    why
-                })
-            })
-            .clone()
+    /// The most bytes this flow may hold received and not yet written, for
+    /// `session`: a window of feet, one more being read, and one per
+    /// connection resent after a reconnect.
+    pub fn bound(session: Session, connections: u64) -> u64 {
+        (u64::from(session.window) + 2 + connections) * u64::from(session.foot_size)
+    }
+
+    /// The session, once a sender fixed it.
+    pub fn session(&self) -> Option<Session> {
+        *Self::lock(&self.session)
+    }
+
+    /// The name the stream goes by in logs: its `--name`, or its session
+    /// id's first bytes.
+    pub fn label(&self) -> String {
+        match (self.name.get(), self.session()) {
+            (Some(n), _) => n.clone(),
+            (None, Some(s)) => s.id[..4].iter().map(|b| format!("{b:02x}")).collect(),
+            (None, None) => "the stream".into(),
+        }
     }
 
     fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Decides whether a sender may join; the first acceptable one fixes the
-    /// session.
-    pub fn admit(&self, hello: &Hello) -> Admission {
-        let reject = Admission::Reject;
+    /// Whether a hello's foot size and window are ones this receiver
+    /// takes: [`Admission::Accept`] (with nothing in it) or a refusal.
+    pub fn check(hello: &Hello) -> Admission {
         let bytes = u64::from(hello.foot_size) * u64::from(hello.window);
         if hello.foot_size == 0
             || hello.foot_size > MAX_FOOT
@@ -174,13 +183,30 @@ impl State {
             || hello.window > MAX_WINDOW
             || bytes > MAX_WINDOW_BYTES
         {
-            return reject(
+            return Admission::Reject(
                 Reason::Parameters,
                 format!(
                     "foot size {} x window {} is outside what this receiver accepts (foot up to {MAX_FOOT}, window 2 to {MAX_WINDOW}, at most {MAX_WINDOW_BYTES} bytes)",
                     hello.foot_size, hello.window
                 ),
             );
+        }
+        Admission::Accept(
+            Session {
+                id: hello.session,
+                foot_size: hello.foot_size,
+                window: hello.window,
+            },
+            0,
+        )
+    }
+
+    /// Decides whether a sender may join; the first acceptable one fixes the
+    /// session.
+    pub fn admit(&self, hello: &Hello) -> Admission {
+        let reject = Admission::Reject;
+        if let refused @ Admission::Reject(..) = Self::check(hello) {
+            return refused;
         }
         let offered = Session {
             id: hello.session,
@@ -217,8 +243,7 @@ impl State {
     /// a window of feet, one more being read, and one per connection resent
     /// after a reconnect.
     pub fn reserve(&self, session: Session, bytes: u64) -> bool {
-        let foot = u64::from(session.foot_size);
-        let limit = (u64::from(session.window) + 2 + self.connections().len() as u64) * foot;
+        let limit = Self::bound(session, self.connections().len() as u64);
         let before = self.buffered.fetch_add(bytes, Ordering::AcqRel);
         if before + bytes > limit {
             self.buffered.fetch_sub(bytes, Ordering::AcqRel);

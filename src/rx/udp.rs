@@ -11,14 +11,12 @@
 
 use super::conn::{hand_over, Piece};
 use super::state::{Conn, Session, State};
-use super::Arrived;
 use crate::crypto::{DatagramKey, TAG_LEN};
 use crate::protocol::datagram::{Header, HEADER_LEN};
 use crate::udp::recv::{Arrival, Inbound, Meter};
-use crossbeam_channel::Sender;
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use zstd::bulk::Decompressor;
@@ -32,6 +30,8 @@ const TICK: Duration = Duration::from_millis(2);
 
 /// One connection's datagrams, as the reader sees them.
 pub struct Flow {
+    /// The stream it carries.
+    pub state: Arc<State>,
     /// The connection: its acknowledgements and reports go here.
     pub conn: Arc<Conn>,
     /// Its stream.
@@ -42,8 +42,6 @@ pub struct Flow {
     pub checksums: bool,
     /// To drop the connection when a datagram breaks the rules.
     pub closer: TcpStream,
-    /// Where whole pieces go.
-    pub feet: Sender<Arrived>,
     /// Where its pieces stand.
     inbound: Mutex<Inbound>,
     /// Where its datagrams come from (the sender's socket for its path).
@@ -53,20 +51,20 @@ pub struct Flow {
 impl Flow {
     /// A flow for a connection that agreed on datagrams.
     pub fn new(
+        state: Arc<State>,
         conn: Arc<Conn>,
         session: Session,
         key: Option<DatagramKey>,
         checksums: bool,
         closer: TcpStream,
-        feet: Sender<Arrived>,
     ) -> Flow {
         Flow {
+            state,
             conn,
             session,
             key,
             checksums,
             closer,
-            feet,
             inbound: Mutex::new(Inbound::new()),
             source: Mutex::new(None),
         }
@@ -95,8 +93,8 @@ impl std::fmt::Debug for UdpRx {
 
 impl UdpRx {
     /// Binds `local` (the address and port a sender's TCP connection
-    /// reached) and starts its reader.
-    pub fn open(state: &Arc<State>, local: SocketAddr) -> std::io::Result<Arc<UdpRx>> {
+    /// reached) and starts its reader, which ends once `closed` is set.
+    pub fn open(local: SocketAddr, closed: Arc<AtomicBool>) -> std::io::Result<Arc<UdpRx>> {
         let socket = UdpSocket::bind(local)?;
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RCVBUF);
         socket.set_read_timeout(Some(TICK))?;
@@ -106,10 +104,10 @@ impl UdpRx {
             flows: Mutex::new(HashMap::new()),
             meters: Mutex::new(HashMap::new()),
         });
-        let (me, state) = (Arc::clone(&rx), Arc::clone(state));
+        let me = Arc::clone(&rx);
         std::thread::Builder::new()
             .name("rx-udp".into())
-            .spawn(move || me.run(&state))?;
+            .spawn(move || me.run(&closed))?;
         Ok(rx)
     }
 
@@ -139,17 +137,17 @@ impl UdpRx {
 
     /// The connection under `token` is over: its datagrams are dropped from
     /// now on, and what its pieces held is released.
-    pub fn leave(&self, state: &State, token: u64) {
+    pub fn leave(&self, token: u64) {
         if let Some(f) = self.flows().remove(&token) {
-            state.release(f.inbound().held());
+            f.state.release(f.inbound().held());
         }
     }
 
-    fn run(&self, state: &State) {
+    fn run(&self, closed: &AtomicBool) {
         let mut buf = vec![0u8; 65536];
         let mut decompressors: HashMap<u64, Option<Decompressor<'static>>> = HashMap::new();
         let mut ticked = Instant::now();
-        loop {
+        while !closed.load(Ordering::Acquire) {
             match self.socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if let Some(token) = Header::token_of(&buf[..n]) {
@@ -161,12 +159,12 @@ impl UdpRx {
                             self.meter(from, n);
                             *flow.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
                             let d = decompressors.entry(token).or_default();
-                            if let Err(e) = self.take(state, &flow, &mut buf[..n], d) {
+                            if let Err(e) = self.take(&flow, &mut buf[..n], d) {
                                 log::warn!("{from}: {e}; its connection is dropped");
-                                state.refused.fetch_add(1, Ordering::Relaxed);
+                                flow.state.refused.fetch_add(1, Ordering::Relaxed);
                                 crate::net::abortive_close(&flow.closer);
                                 let _ = flow.closer.shutdown(Shutdown::Both);
-                                self.leave(state, token);
+                                self.leave(token);
                             }
                         }
                     }
@@ -199,7 +197,6 @@ impl UdpRx {
     /// after its tag checked out (only the sender could have sent it).
     fn take(
         &self,
-        state: &State,
         flow: &Flow,
         datagram: &mut [u8],
         decompressor: &mut Option<Decompressor<'static>>,
@@ -223,7 +220,7 @@ impl UdpRx {
                 return Ok(());
             }
         }
-        let session = flow.session;
+        let (session, state) = (flow.session, &*flow.state);
         let delivered = state.delivered.load(Ordering::Acquire);
         let ids = crate::protocol::id_window(session.window);
         let arrival = flow
@@ -259,8 +256,7 @@ impl UdpRx {
             compressed: piece.flags & crate::protocol::datagram::FLAG_COMPRESSED != 0,
             end: piece.flags & crate::protocol::datagram::FLAG_END != 0,
         };
-        hand_over(state, session, &flow.conn, &flow.feet, piece, decompressor)
-            .map_err(|e| e.to_string())?;
+        hand_over(state, session, &flow.conn, piece, decompressor).map_err(|e| e.to_string())?;
         self.report(flow, now);
         Ok(())
     }

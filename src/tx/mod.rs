@@ -183,55 +183,59 @@ impl DialedIn {
 fn accept(crew: &Arc<Crew>, listener: &TcpListener) {
     let workers: Arc<Mutex<HashMap<usize, crossbeam_channel::Sender<DialedIn>>>> = Arc::default();
     let gate = net::Gate::new();
-    net::accept_loop(listener, |stream, peer| {
-        if crew.window.is_finished() {
-            return false;
-        }
-        let pass = gate.enter(&stream, peer.ip());
-        let (crew, workers) = (Arc::clone(crew), Arc::clone(&workers));
-        let _ = std::thread::Builder::new()
-            .name("tx-dial-in".into())
-            .spawn(move || {
-                let deadline = Instant::now() + crew.config.handshake_timeout;
-                let mut b = [0u8; DIAL_LEN];
-                let read = net::Deadline {
-                    stream: &stream,
-                    until: deadline,
-                }
-                .read_exact(&mut b);
-                let dial = match read
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| Dial::decode(&b).map_err(|e| e.to_string()))
-                {
-                    Ok(d) => d,
-                    Err(e) => return log::info!("{peer}: dropped: {e}"),
-                };
-                let (rank, index) = (usize::from(dial.rank), usize::from(dial.index));
-                if rank >= DIAL_RANKS || index >= DIAL_INDEXES {
-                    return log::info!("{peer}: dropped: rank {rank} #{index} is out of range");
-                }
-                let slot = rank * DIAL_INDEXES + index;
-                let mut workers = workers.lock().unwrap_or_else(|p| p.into_inner());
-                let sender = workers.entry(slot).or_insert_with(|| {
-                    let (tx, rx) = crossbeam_channel::bounded(1);
-                    if let Err(e) = spawn_worker(&crew, slot, Source::Accept(rx)) {
-                        log::error!("{e}");
+    net::accept_loop(
+        listener,
+        || true,
+        |stream, peer| {
+            if crew.window.is_finished() {
+                return false;
+            }
+            let pass = gate.enter(&stream, peer.ip());
+            let (crew, workers) = (Arc::clone(crew), Arc::clone(&workers));
+            let _ = std::thread::Builder::new()
+                .name("tx-dial-in".into())
+                .spawn(move || {
+                    let deadline = Instant::now() + crew.config.handshake_timeout;
+                    let mut b = [0u8; DIAL_LEN];
+                    let read = net::Deadline {
+                        stream: &stream,
+                        until: deadline,
                     }
-                    tx
-                });
-                let dialed = DialedIn {
-                    stream,
-                    _pass: pass,
-                    deadline,
-                };
-                if sender.try_send(dialed).is_err() {
-                    log::info!(
+                    .read_exact(&mut b);
+                    let dial = match read
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| Dial::decode(&b).map_err(|e| e.to_string()))
+                    {
+                        Ok(d) => d,
+                        Err(e) => return log::info!("{peer}: dropped: {e}"),
+                    };
+                    let (rank, index) = (usize::from(dial.rank), usize::from(dial.index));
+                    if rank >= DIAL_RANKS || index >= DIAL_INDEXES {
+                        return log::info!("{peer}: dropped: rank {rank} #{index} is out of range");
+                    }
+                    let slot = rank * DIAL_INDEXES + index;
+                    let mut workers = workers.lock().unwrap_or_else(|p| p.into_inner());
+                    let sender = workers.entry(slot).or_insert_with(|| {
+                        let (tx, rx) = crossbeam_channel::bounded(1);
+                        if let Err(e) = spawn_worker(&crew, slot, Source::Accept(rx)) {
+                            log::error!("{e}");
+                        }
+                        tx
+                    });
+                    let dialed = DialedIn {
+                        stream,
+                        _pass: pass,
+                        deadline,
+                    };
+                    if sender.try_send(dialed).is_err() {
+                        log::info!(
                         "{peer}: dropped: rank {rank} #{index} already has a connection waiting"
                     );
-                }
-            });
-        true
-    });
+                    }
+                });
+            true
+        },
+    );
 }
 
 /// Sends `input` over the given connections; `run` with any readable input.

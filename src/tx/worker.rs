@@ -217,6 +217,7 @@ fn handshake(
         foot_size: c.foot_size,
         window: c.window,
         worker: w as u16,
+        name: c.name.clone(),
     };
     let nonce = crypto::nonce().map_err(OpenError::Fatal)?;
     let (mut negotiation, hello) = TxNegotiation::new(&offer, nonce);
