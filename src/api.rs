@@ -2,7 +2,8 @@
 //! stream into, and a [`Receiver`] whose [`Flow`] they read it back from,
 //! byte-exact and in order, over as many TCP connections (or `--udp`
 //! datagrams) as the sender is built with. The command line's `tx` and `rx`
-//! use the same engine with stdin and stdout.
+//! are built on [`SenderBuilder::send_from`], [`ReceiverBuilder::receive_into`]
+//! and [`ReceiverBuilder::serve_commands`], with stdin and stdout.
 //!
 //! Nothing here is process-wide: no signal handlers, no exit, no logger
 //! (log records go to whatever `log` backend the program installed).
@@ -15,7 +16,7 @@ use crate::rx::hub::{FlowInfo, Flows, Hub, Many, Opened, Output};
 use crate::Summary;
 use crossbeam_channel::{Receiver as Chan, Sender as ChanTx};
 use std::io::{self, Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -262,11 +263,24 @@ impl SenderBuilder {
         self
     }
 
-    /// Starts sending: the connections are made in the background, and
-    /// what is written to the [`Sender`] goes out as it fills feet. Fails
-    /// at once on options that cannot work (no destination, a count out of
-    /// range, encryption without a key).
-    pub fn connect(self) -> Result<Sender> {
+    /// A builder holding every option of `config` (the command line's
+    /// whole set, as [`crate::cli`] parses it), its destinations those of
+    /// a [`Mode::Tx`]. Signal handlers and the progress display are
+    /// installed only if `config` asks (`signals`, `display`): the binary
+    /// asks, a library caller need not.
+    pub fn from_config(config: Config) -> SenderBuilder {
+        let destinations = match &config.mode {
+            Mode::Tx { destinations } => destinations.clone(),
+            _ => Vec::new(),
+        };
+        SenderBuilder {
+            config,
+            destinations,
+        }
+    }
+
+    /// The options checked and set for a run.
+    fn checked(self) -> Result<(Config, Vec<Destination>)> {
         let SenderBuilder {
             mut config,
             destinations,
@@ -281,6 +295,24 @@ impl SenderBuilder {
         config.mode = Mode::Tx {
             destinations: destinations.clone(),
         };
+        Ok((config, destinations))
+    }
+
+    /// Sends everything `input` holds, on the calling thread (what `tx`
+    /// does with stdin), and returns once the receiver has written every
+    /// byte; an error says why not. Reads `input` straight into feet: no
+    /// pipe between.
+    pub fn send_from(self, input: impl Read + Send + 'static) -> Result<Summary> {
+        let (config, destinations) = self.checked()?;
+        crate::tx::send(&config, crate::tx::Connections::Dial(&destinations), input)
+    }
+
+    /// Starts sending: the connections are made in the background, and
+    /// what is written to the [`Sender`] goes out as it fills feet. Fails
+    /// at once on options that cannot work (no destination, a count out of
+    /// range, encryption without a key).
+    pub fn connect(self) -> Result<Sender> {
+        let (mut config, destinations) = self.checked()?;
         let (sink, events) = crate::events::Sink::new();
         config.events = Some(sink);
         let (chunks, inlet) = crossbeam_channel::bounded(CHUNKS);
@@ -513,9 +545,20 @@ impl ReceiverBuilder {
         self
     }
 
-    /// Binds the listening socket and starts taking senders: each new
-    /// sender's stream waits for [`Receiver::accept`].
-    pub fn bind(self) -> Result<Receiver> {
+    /// A builder holding every option of `config` (the command line's
+    /// whole set), listening where its [`Mode::Rx`] says. As with
+    /// [`SenderBuilder::from_config`], signal handlers and the progress
+    /// display come only if `config` asks.
+    pub fn from_config(config: Config) -> ReceiverBuilder {
+        let (addr, port) = match &config.mode {
+            Mode::Rx { addr, port } => (addr.clone(), *port),
+            _ => (None, 0),
+        };
+        ReceiverBuilder { config, addr, port }
+    }
+
+    /// The options checked, and the socket bound.
+    fn listen(self) -> Result<(Config, TcpListener, SocketAddr)> {
         let ReceiverBuilder {
             mut config,
             addr,
@@ -529,11 +572,49 @@ impl ReceiverBuilder {
             addr: addr.clone(),
             port,
         };
-        let listener = crate::net::listen(addr.as_deref(), port, &config.socket)
-            .map_err(|e| Error::io(format!("listen on port {port}"), e))?;
+        let listener = crate::rx::listen(&config, addr.as_deref(), port)?;
         let local = listener
             .local_addr()
             .map_err(|e| Error::io("read the listening address", e))?;
+        Ok((config, listener, local))
+    }
+
+    /// Serves one sender's stream into `out`, on the calling thread (what
+    /// `rx` does with stdout), refusing other senders as busy, and returns
+    /// once the stream has ended: Ok only if every byte was written.
+    /// `on_ready` hears the address once senders can connect.
+    pub fn receive_into(
+        self,
+        out: impl Write + Send + 'static,
+        on_ready: impl FnOnce(SocketAddr),
+    ) -> Result<Summary> {
+        let (config, listener, _) = self.listen()?;
+        crate::rx::receive(&config, listener, crate::rx::hub::Plain(out), on_ready)
+    }
+
+    /// Serves every sender's stream, each into its own run of the shell
+    /// command `command` (`rx --exec`: the stream on its stdin, the
+    /// sender's name in `$VIAMILLIPEDE_NAME`), until the process is sent
+    /// SIGINT or SIGTERM; needs a configuration with `signals` set, as the
+    /// command line's. `on_ready` hears the address.
+    pub fn serve_commands(
+        self,
+        command: &str,
+        on_ready: impl FnOnce(SocketAddr),
+    ) -> Result<Summary> {
+        if !self.config.signals {
+            return Err(Error::Usage(
+                "serving commands runs until a signal: it needs the signal handlers".into(),
+            ));
+        }
+        let (config, listener, _) = self.listen()?;
+        crate::rx::serve_commands(&config, listener, command, on_ready)
+    }
+
+    /// Binds the listening socket and starts taking senders: each new
+    /// sender's stream waits for [`Receiver::accept`].
+    pub fn bind(self) -> Result<Receiver> {
+        let (mut config, listener, local) = self.listen()?;
         // Room for every flow the hub admits: it never waits on the queue.
         let (queue, accepted) = crossbeam_channel::bounded(config.max_flows);
         let open = move |info: &FlowInfo| -> io::Result<Opened> {

@@ -837,6 +837,11 @@ impl Cli {
                     .into(),
             ));
         }
+        if self.exec.is_some() && key.is_none() {
+            warnings.push(
+                "--exec without --key-file: anyone who can reach this port can start the command with a stream of their own".into(),
+            );
+        }
         if self.exec.is_some() && (self.progress || self.stats_json.is_some()) {
             warnings.push(
                 "--progress and --stats-json follow one stream: with --exec, each stream's start and end are told on stderr instead".into(),

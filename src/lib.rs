@@ -58,8 +58,9 @@ pub struct Summary {
 /// Runs the wing the configuration asks for.
 pub fn run(config: &Config) -> error::Result<Summary> {
     match &config.mode {
-        Mode::Rx { addr, port } => rx::run(config, addr.as_deref(), *port),
-        Mode::Tx { destinations } => tx::run(config, destinations),
+        // The two common modes, through the library's own entry points.
+        Mode::Rx { .. } => rx::run(config),
+        Mode::Tx { .. } => tx::run(config),
         Mode::TxListen { addr, port } => tx::run_listening(config, addr.as_deref(), *port),
         Mode::RxConnect { destinations } => rx::run_connecting(config, destinations),
         Mode::Duplex {

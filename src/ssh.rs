@@ -484,7 +484,7 @@ fn run_near(
                     .join(", ")
             );
             if role == Role::SendDialing {
-                tx::run(config, &destinations)
+                tx::run_to(config, &destinations)
             } else {
                 rx::run_connecting(config, &destinations)
             }

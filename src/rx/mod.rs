@@ -68,17 +68,28 @@ pub enum Event {
     Confirmed,
 }
 
-/// Listens as `config` says and writes the stream to stdout, or (with
-/// `--exec`) runs the command for each flow.
-pub fn run(config: &Config, addr: Option<&str>, port: u16) -> Result<Summary> {
-    if let Some(command) = &config.exec {
-        let listener = listen(config, addr, port)?;
-        return exec::serve(config, listener, command, told_listening);
+/// The command line's rx: through the library's [`crate::ReceiverBuilder`],
+/// the stream to stdout, or (with `--exec`) each flow into its command.
+pub fn run(config: &Config) -> Result<Summary> {
+    let builder = crate::ReceiverBuilder::from_config(config.clone());
+    match &config.exec {
+        Some(command) => builder.serve_commands(command, told_listening),
+        None => builder.receive_into(Stdout::open()?, told_listening),
     }
-    run_into(config, addr, port, Stdout::open()?)
 }
 
-fn told_listening(addr: std::net::SocketAddr) {
+/// Serves flows on `listener`, each into a run of `command` (`--exec`).
+pub fn serve_commands(
+    config: &Config,
+    listener: TcpListener,
+    command: &str,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<Summary> {
+    exec::serve(config, listener, command, on_ready)
+}
+
+/// Tells the user where rx listens (on stderr: stdout is the stream's).
+pub fn told_listening(addr: std::net::SocketAddr) {
     let _ = writeln!(std::io::stderr(), "viamillipede: listening on {addr}");
 }
 
@@ -125,7 +136,8 @@ impl Drop for Stdout {
     }
 }
 
-fn listen(config: &Config, addr: Option<&str>, port: u16) -> Result<TcpListener> {
+/// Binds rx's listening socket, with an error that names where.
+pub fn listen(config: &Config, addr: Option<&str>, port: u16) -> Result<TcpListener> {
     net::listen(addr, port, &config.socket).map_err(|e| {
         let shown = match addr {
             Some(a) if a.contains(':') => format!("[{a}]:{port}"),
@@ -265,7 +277,9 @@ fn start_flow(
     spawn("rx-sequencer", move || sequencer::run(&s, output, feet_rx))?;
     let (hub, state) = (Arc::clone(hub), Arc::clone(state));
     spawn("rx-flow", move || {
-        let result = drive(&hub, &state, &events_rx, false, on_end);
+        // Its first connection joins as soon as the handshake's answer is
+        // out; one that never does must not hold the flow's place for good.
+        let result = drive(&hub, &state, &events_rx, true, on_end);
         hub.ended(&state, &result);
     })
 }
@@ -273,12 +287,13 @@ fn start_flow(
 /// Follows one flow to its end: the reconnect timeout once every
 /// connection is gone, the linger for the sender to hear the outcome, and
 /// the output closed after the foot being written. `told` hears the
-/// outcome as soon as it is known, before the linger.
+/// outcome as soon as it is known, before the linger. `timed` applies the
+/// reconnect timeout from the start, not only once a sender was seen.
 fn drive(
     hub: &Hub,
     state: &Arc<State>,
     events_rx: &crossbeam_channel::Receiver<Event>,
-    dialing: bool,
+    timed: bool,
     told: impl FnOnce(&Result<Summary>),
 ) -> Result<Summary> {
     let config = &state.config;
@@ -297,7 +312,7 @@ fn drive(
     };
 
     let timeout = config.reconnect_timeout;
-    let mut lost_since: Option<Instant> = dialing.then(Instant::now);
+    let mut lost_since: Option<Instant> = timed.then(Instant::now);
     // When the user was last told that rx is waiting for the sender.
     let mut told_waiting: Option<Instant> = None;
     let outcome = loop {

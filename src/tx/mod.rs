@@ -52,10 +52,22 @@ pub fn input(config: &Config) -> Result<Box<dyn Read + Send>> {
     Ok(Box::new(File::from(stdin)))
 }
 
-/// Sends the input to `destinations` (most preferred first).
-pub fn run(config: &Config, destinations: &[Destination]) -> Result<Summary> {
-    let config = &sized(config);
-    send(config, Connections::Dial(destinations), input(config)?)
+/// The command line's tx: through the library's [`crate::SenderBuilder`],
+/// the input to the mode's destinations (most preferred first).
+pub fn run(config: &Config) -> Result<Summary> {
+    let config = sized(config);
+    let input = input(&config)?;
+    crate::SenderBuilder::from_config(config).send_from(input)
+}
+
+/// Sends the input to `destinations`, whatever mode `config` was made for
+/// (the ssh mode's sending side).
+pub fn run_to(config: &Config, destinations: &[Destination]) -> Result<Summary> {
+    let mut config = config.clone();
+    config.mode = crate::config::Mode::Tx {
+        destinations: destinations.to_vec(),
+    };
+    run(&config)
 }
 
 /// `config` with the size of stdin for `--progress`, when stdin is a file
