@@ -742,7 +742,12 @@ impl Drop for Receiver {
     /// may still reconnect), and the socket closes once they have ended.
     /// Flows not yet accepted fail.
     fn drop(&mut self) {
+        // Closed first: no flow is queued after the queue is emptied.
         self.hub.close();
+        for waiting in self.accepted.try_iter() {
+            // Its reader gone, the flow fails and its sender hears why.
+            drop(waiting);
+        }
     }
 }
 

@@ -134,29 +134,11 @@ fn a_receiver_at_its_most_flows_refuses_another_as_busy() {
     let key = key_file("flows-busy", 3);
     let key = key.to_str().unwrap();
     let (r, port) = rx_exec("cat > /dev/null", &["--max-flows", "1", "--key-file", key]);
-    let (mut first, feed) = tx_fed(&[
-        "tx",
-        "127.0.0.1",
-        &port,
-        "--key-file",
-        key,
-        "--name",
-        "first",
-    ]);
+    let args = |name| ["tx", "127.0.0.1", &port, "--key-file", key, "--name", name];
+    let (mut first, feed) = tx_fed(&args("first"));
     feed.send(data(100_000, 91)).unwrap();
     r.wait_line("flow first from", Duration::from_secs(20));
-    let mut second = tx(
-        &[
-            "tx",
-            "127.0.0.1",
-            &port,
-            "--key-file",
-            key,
-            "--name",
-            "second",
-        ],
-        Arc::new(data(1000, 92)),
-    );
+    let mut second = tx(&args("second"), Arc::new(data(1000, 92)));
     assert_eq!(second.wait(Duration::from_secs(30)).code(), Some(1));
     second.expect_stderr("busy");
     second.expect_stderr("--max-flows");
@@ -182,4 +164,44 @@ fn exec_and_names_are_checked_at_once() {
         assert_eq!(p.wait(Duration::from_secs(10)).code(), Some(2), "{args:?}");
         p.expect_stderr(needle);
     }
+}
+
+#[test]
+fn a_stop_reaches_a_command_that_has_stopped_reading() {
+    let dir = scratch("stuck");
+    // Reads nothing for ten minutes: rx's writes to it block.
+    let command = format!("sleep 600; {}", into_files(&dir));
+    let (mut r, port) = rx_exec(&command, &[]);
+    let (mut t, feed) = tx_fed(&[
+        "tx",
+        "127.0.0.1",
+        &port,
+        "threads",
+        "2",
+        "--foot-size",
+        "64K",
+        "--name",
+        "stuck",
+    ]);
+    feed.send(data(4 << 20, 101)).unwrap();
+    r.wait_line("flow stuck from", Duration::from_secs(20));
+    r.signal("TERM");
+    // The flow is cut: its command's group is stopped, the blocked write
+    // returns, and rx exits with the signal's status.
+    assert_eq!(
+        r.wait(Duration::from_secs(30)).code(),
+        Some(143),
+        "{}",
+        r.stderr()
+    );
+    r.expect_stderr("flow stuck failed");
+    assert_eq!(
+        t.wait(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        t.stderr()
+    );
+    t.expect_stderr("stopped by SIGTERM");
+    assert!(!dir.join("stuck").exists(), "the command took a cut stream");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -246,6 +246,63 @@ fn a_receiver_serving_its_most_flows_refuses_another_as_busy() {
 }
 
 #[test]
+fn a_dropped_receiver_fails_the_flows_it_had_not_handed_out() {
+    within(120, "queued flow", || {
+        let (port, r) = receiver();
+        let events = r.events();
+        let mut s = sender(port, "queued");
+        s.write_all(&data(1 << 20, 31)).unwrap();
+        s.flush().unwrap();
+        assert!(matches!(
+            events.recv().unwrap(),
+            viamillipede::Event::FlowOpened { .. }
+        ));
+        drop(r);
+        s.write_all(&data(4 << 20, 32)).ok();
+        let e = s.finish().expect_err("a flow nobody took is not success");
+        assert!(e.to_string().contains("the flow"), "{e}");
+        // Its flow ended: the port is closed now.
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    });
+}
+
+#[test]
+fn a_flow_that_does_not_fit_in_max_memory_is_refused_as_busy() {
+    within(60, "max memory", || {
+        let (key, _) = viamillipede::crypto::Key::random().unwrap();
+        // Room for one flow of 64 KiB feet and a window of 64 (66 feet).
+        let mut r = Receiver::builder()
+            .address("127.0.0.1")
+            .key(key.clone())
+            .max_memory(6 << 20)
+            .bind()
+            .unwrap();
+        let port = r.local_addr().port();
+        let keyed = |name: &str| {
+            Sender::builder()
+                .destination("127.0.0.1", port)
+                .threads(1)
+                .foot_size(64 << 10)
+                .key(key.clone())
+                .name(name)
+                .connect()
+                .unwrap()
+        };
+        let mut first = keyed("first");
+        first.write_all(&data(1 << 20, 41)).unwrap();
+        first.flush().unwrap();
+        let flow = r.accept().unwrap();
+        let mut second = keyed("second");
+        second.write_all(b"no room").unwrap();
+        let busy = second.finish().expect_err("a second flow does not fit");
+        assert!(busy.to_string().contains("--max-memory"), "{busy}");
+        let reader = std::thread::spawn(move || read_all(flow));
+        assert_eq!(first.finish().unwrap().bytes, 1 << 20);
+        assert_eq!(reader.join().unwrap().unwrap().len(), 1 << 20);
+    });
+}
+
+#[test]
 fn keys_and_encryption_through_the_builders() {
     within(60, "an encrypted flow", || {
         let (key, _) = viamillipede::crypto::Key::random().unwrap();

@@ -18,6 +18,7 @@ use crate::Summary;
 use std::io::{self, Write};
 use std::net::TcpListener;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,12 +55,44 @@ impl Running {
     }
 }
 
+/// A command's process group, to signal from any thread (the flow's
+/// driver, while the sequencer is blocked writing to the command) until
+/// the command has been reaped: after that its id may be another's.
+struct Group {
+    id: Option<rustix::process::Pid>,
+    reaped: AtomicBool,
+}
+
+impl Group {
+    fn signal(&self, sig: rustix::process::Signal) {
+        if let (Some(g), false) = (self.id, self.reaped.load(Ordering::Acquire)) {
+            let _ = rustix::process::kill_process_group(g, sig);
+        }
+    }
+
+    /// SIGTERM now, SIGKILL after [`TERM_GRACE`] if it has not exited.
+    fn stop(self: &Arc<Self>) {
+        use rustix::process::Signal;
+        self.signal(Signal::TERM);
+        let group = Arc::clone(self);
+        // A timer, not a wait for anything: the group is killed if still
+        // there when it rings.
+        let _ = std::thread::Builder::new()
+            .name("rx-exec-kill".into())
+            .spawn(move || {
+                std::thread::sleep(TERM_GRACE);
+                group.signal(Signal::KILL);
+            });
+    }
+}
+
 /// One flow's command.
 struct Exec {
     child: Child,
     stdin: Option<ChildStdin>,
     label: String,
     finished: bool,
+    group: Arc<Group>,
     running: Arc<Running>,
 }
 
@@ -92,11 +125,16 @@ impl Exec {
             .stdin(Stdio::piped())
             .spawn()?;
         running.add();
+        let group = Arc::new(Group {
+            id: rustix::process::Pid::from_raw(child.id() as i32),
+            reaped: AtomicBool::new(false),
+        });
         let mut exec = Exec {
             stdin: None,
             child,
             label,
             finished: false,
+            group,
             running: Arc::clone(running),
         };
         exec.stdin = exec.child.stdin.take();
@@ -108,7 +146,10 @@ impl Exec {
         let until = Instant::now() + grace;
         loop {
             match self.child.try_wait() {
-                Ok(Some(status)) => return Some(status),
+                Ok(Some(status)) => {
+                    self.group.reaped.store(true, Ordering::Release);
+                    return Some(status);
+                }
                 Ok(None) if Instant::now() < until => {
                     // Polled: std has no wait with a deadline.
                     std::thread::sleep(Duration::from_millis(20))
@@ -153,10 +194,17 @@ impl Output for Exec {
         "the command's stdin".into()
     }
 
+    fn stopper(&self) -> Option<super::hub::Stopper> {
+        let group = Arc::clone(&self.group);
+        Some(super::hub::Stopper(Box::new(move || group.stop())))
+    }
+
     fn finish(&mut self) -> io::Result<()> {
         self.finished = true;
         drop(self.stdin.take());
+        // Bounded: a flow that fails meanwhile stops the command's group.
         let status = self.child.wait()?;
+        self.group.reaped.store(true, Ordering::Release);
         match status.success() {
             true => Ok(()),
             false => Err(io::Error::other(format!(
@@ -181,18 +229,13 @@ impl Drop for Exec {
 
 impl Exec {
     fn stop(&mut self) {
-        use rustix::process::{kill_process_group, Pid, Signal};
-        let group = Pid::from_raw(self.child.id() as i32);
-        if let Some(g) = group {
-            let _ = kill_process_group(g, Signal::TERM);
-        }
+        use rustix::process::Signal;
+        self.group.signal(Signal::TERM);
         drop(self.stdin.take());
         if self.wait_for(TERM_GRACE).is_none() {
-            if let Some(g) = group {
-                let _ = kill_process_group(g, Signal::KILL);
-            }
-            let _ = self.child.kill();
+            self.group.signal(Signal::KILL);
             let _ = self.child.wait();
+            self.group.reaped.store(true, Ordering::Release);
         }
     }
 }
@@ -255,11 +298,9 @@ pub fn serve(
         .recv()
         .map_err(|_| Error::Internal("the receiver's signal thread ended".into()))?;
     // The flows that were cut tell their senders; wait for them to end.
-    while !hub.states().is_empty() {
-        // Bounded by the linger: a flow that failed waits at most a few
-        // seconds for its sender to hang up.
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Bounded by the linger: a flow that failed waits at most a few
+    // seconds for its sender to hang up.
+    hub.wait_idle();
     // Every command has been told (SIGTERM) and has exited.
     running.wait_none();
     let (flows, failed, bytes) = hub

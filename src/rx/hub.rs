@@ -29,6 +29,23 @@ pub trait Output: Write + Send {
     fn finish(&mut self) -> io::Result<()> {
         self.flush()
     }
+
+    /// A way to stop what the output feeds from another thread once the
+    /// flow has failed, even while a write to it is blocked (a command
+    /// that stopped reading): rx's driver calls it before it closes the
+    /// output.
+    fn stopper(&self) -> Option<Stopper> {
+        None
+    }
+}
+
+/// Stops an output's consumer (see [`Output::stopper`]).
+pub struct Stopper(pub Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Stopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stopper")
+    }
 }
 
 /// Any writer as an output: finished by a flush.
@@ -139,6 +156,8 @@ pub struct Hub {
     /// A copy of the listening socket, shut down to end the acceptor.
     listener: Mutex<Option<TcpListener>>,
     flows: Mutex<Flows>,
+    /// Told each time a flow of a receiver serving several ends.
+    flow_ended: std::sync::Condvar,
     /// The UDP sockets, one per local address senders reached, opened when
     /// a sender first asked (`--udp`), or why one could not be opened.
     udp: Mutex<BTreeMap<IpAddr, std::result::Result<Arc<UdpRx>, String>>>,
@@ -162,6 +181,7 @@ impl Hub {
             closed: Arc::new(AtomicBool::new(false)),
             listener: Mutex::new(None),
             flows: Mutex::new(flows),
+            flow_ended: std::sync::Condvar::new(),
             udp: Mutex::new(BTreeMap::new()),
         })
     }
@@ -226,6 +246,25 @@ impl Hub {
         match &*lock(&self.flows) {
             Flows::One(state) => vec![Arc::clone(state)],
             Flows::Many(m) => m.live.values().cloned().collect(),
+        }
+    }
+
+    /// Whether this receiver serves a flow per session.
+    pub fn serves_many(&self) -> bool {
+        matches!(&*lock(&self.flows), Flows::Many(_))
+    }
+
+    /// Waits until no flow is being served.
+    pub fn wait_idle(&self) {
+        let mut flows = lock(&self.flows);
+        while let Flows::Many(m) = &*flows {
+            if m.live.is_empty() {
+                return;
+            }
+            flows = self
+                .flow_ended
+                .wait(flows)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -345,7 +384,8 @@ impl Hub {
         }
         many.live.insert(hello.session, Arc::clone(&state));
         many.started += 1;
-        drop(flows);
+        // Joined before the lock is let go: the session is set, so the next
+        // new flow's --max-memory check counts this one.
         self.join(state, hello, name)
     }
 
@@ -392,6 +432,7 @@ impl Hub {
                 m.live.is_empty()
             })
             .unwrap_or(false);
+        self.flow_ended.notify_all();
         if idle && self.closing.load(Ordering::Acquire) {
             self.shut();
         }

@@ -273,6 +273,9 @@ fn start_flow(
     output: Box<dyn Output>,
     on_end: hub::OnEnd,
 ) -> Result<()> {
+    if let Some(stop) = output.stopper() {
+        let _ = state.stop_output.set(stop);
+    }
     let s = Arc::clone(state);
     spawn("rx-sequencer", move || sequencer::run(&s, output, feet_rx))?;
     let (hub, state) = (Arc::clone(hub), Arc::clone(state));
@@ -380,9 +383,9 @@ fn drive(
         }
     };
     let refused = state.refused.load(Ordering::Relaxed)
-        + match hub.with_many(|_| ()) {
-            Some(()) => 0,
-            None => hub.refused.load(Ordering::Relaxed),
+        + match hub.serves_many() {
+            true => 0,
+            false => hub.refused.load(Ordering::Relaxed),
         };
     let result = outcome.map(|bytes| Summary {
         bytes,
@@ -393,8 +396,14 @@ fn drive(
         ),
     });
     if result.is_err() {
-        // A flow that failed writes nothing more, whoever is writing.
+        // A flow that failed writes nothing more, whoever is writing, and
+        // what the output feeds is stopped now: a write blocked on it (a
+        // command that stopped reading) returns, and the command never
+        // sees the cut stream's end as a clean one.
         state.end(Progress::Failed("the stream failed".into()));
+        if let Some(stop) = state.stop_output.get() {
+            (stop.0)();
+        }
     }
     told(&result);
 
@@ -528,7 +537,7 @@ fn report(hub: &Hub) -> String {
         );
     }
     for state in &states {
-        if hub.with_many(|_| ()).is_some() {
+        if hub.serves_many() {
             let _ = writeln!(out, " flow {}", state.label());
         }
         out.push_str(&flow_report(state));

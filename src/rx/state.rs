@@ -57,6 +57,8 @@ pub struct State {
     pub events: Sender<super::Event>,
     /// The stream's name (`--name` on the sender), once a sender named it.
     pub name: OnceLock<String>,
+    /// Stops what the output feeds, once the flow has failed.
+    pub stop_output: OnceLock<super::hub::Stopper>,
     session: Mutex<Option<Session>>,
     progress: Mutex<Progress>,
     conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
@@ -125,6 +127,7 @@ impl State {
             feet,
             events,
             name: OnceLock::new(),
+            stop_output: OnceLock::new(),
             config,
             session: Mutex::new(None),
             progress: Mutex::new(Progress::Running),
