@@ -279,7 +279,12 @@ pub fn serve(
         let (reported, stopped) = (Arc::clone(&hub), Arc::clone(&hub));
         let stop = move |sig| {
             let why = format!("stopped by {}", crate::error::signal_name(sig));
-            let cut = !stopped.states().is_empty();
+            // Only a stream still running is cut: a complete one may be
+            // lingering for its sender to hang up.
+            let cut = stopped
+                .states()
+                .iter()
+                .any(|s| s.progress() == super::state::Progress::Running);
             stopped.stop(&why, || Error::Interrupted(sig));
             let _ = stop_tx.try_send(if cut { sig } else { 0 });
         };
