@@ -47,6 +47,21 @@ struct Rank {
     held_until: Option<Instant>,
 }
 
+impl Rank {
+    fn new(max: usize, now: Instant) -> Rank {
+        Rank {
+            active: START.min(max),
+            max,
+            previous: START.min(max),
+            since: now,
+            acked_then: 0,
+            warm_until: None,
+            best: None,
+            held_until: (START >= max).then_some(now),
+        }
+    }
+}
+
 /// The counts of every destination (rank).
 #[derive(Clone, Debug)]
 pub struct Count {
@@ -56,20 +71,25 @@ pub struct Count {
 impl Count {
     /// Counts for ranks of at most `max[r]` connections each.
     pub fn new(max: &[usize], now: Instant) -> Count {
-        let ranks = max
-            .iter()
-            .map(|&max| Rank {
-                active: START.min(max),
-                max,
-                previous: START.min(max),
-                since: now,
-                acked_then: 0,
-                warm_until: None,
-                best: None,
-                held_until: (START >= max).then_some(now),
-            })
-            .collect();
+        let ranks = max.iter().map(|&max| Rank::new(max, now)).collect();
         Count { ranks }
+    }
+
+    /// A destination added while running, as rank `at`, starts counting
+    /// from the start.
+    pub fn insert(&mut self, at: usize, max: usize, now: Instant) {
+        self.ranks
+            .insert(at.min(self.ranks.len()), Rank::new(max, now));
+    }
+
+    /// Rank `r` now has `max` connections to count up to; a count that was
+    /// held at its old most may grow again.
+    pub fn grow(&mut self, r: usize, max: usize) {
+        let rank = &mut self.ranks[r];
+        if max > rank.max {
+            rank.max = max;
+            rank.held_until = None;
+        }
     }
 
     /// How many of rank `r`'s connections are in use.

@@ -181,6 +181,15 @@ pub struct Snapshot {
     pub piece: Vec<usize>,
     /// Live connections.
     pub connected: usize,
+    /// Each worker's rank.
+    pub rank: Vec<usize>,
+    /// Whether each worker may take pieces (not drained, not left out by
+    /// the count of `threads auto`).
+    pub enabled: Vec<bool>,
+    /// Each worker's smoothed delivery rate while busy, bytes per second.
+    pub rate: Vec<Option<f64>>,
+    /// Each rank's limit set by the operator (`Some(0)`: drained).
+    pub limits: Vec<Option<usize>>,
 }
 
 #[derive(Debug)]
@@ -222,6 +231,23 @@ struct Sent {
 }
 
 impl Slot {
+    fn new(rank: usize, piece: usize, now: Instant) -> Slot {
+        Slot {
+            rank,
+            enabled: true,
+            connected: false,
+            first_attempt: true,
+            inflight: Vec::new(),
+            piece,
+            rate: None,
+            acked: 0,
+            quickest: None,
+            heard: now,
+            gap: None,
+            progress: 0,
+        }
+    }
+
     fn inflight_bytes(&self) -> u64 {
         self.inflight.iter().map(|p| p.len as u64).sum()
     }
@@ -322,6 +348,9 @@ pub struct Schedule {
     count: Option<super::count::Count>,
     /// Bytes acknowledged on each rank so far.
     rank_acked: Vec<u64>,
+    /// The operator's limit on each rank's connections (`drain`,
+    /// `threads N`): `Some(0)` takes no new pieces.
+    limits: Vec<Option<usize>>,
 }
 
 impl Schedule {
@@ -330,20 +359,7 @@ impl Schedule {
         let initial = INITIAL_PIECE.min(params.foot_size).max(1);
         let slots: Vec<Slot> = ranks
             .iter()
-            .map(|&rank| Slot {
-                rank,
-                enabled: true,
-                connected: false,
-                first_attempt: true,
-                inflight: Vec::new(),
-                piece: initial,
-                rate: None,
-                acked: 0,
-                quickest: None,
-                heard: now,
-                gap: None,
-                progress: 0,
-            })
+            .map(|&rank| Slot::new(rank, initial, now))
             .collect();
         let nranks = ranks.iter().max().map_or(0, |&r| r + 1);
         Schedule {
@@ -386,6 +402,7 @@ impl Schedule {
             rank_down: vec![false; nranks],
             count: None,
             rank_acked: vec![0; nranks],
+            limits: vec![None; nranks],
         }
     }
 
@@ -395,21 +412,22 @@ impl Schedule {
         let max: Vec<usize> = (0..self.ranks)
             .map(|r| self.slots.iter().filter(|s| s.rank == r).count())
             .collect();
-        let count = super::count::Count::new(&max, now);
-        self.count = Some(count);
+        self.count = Some(super::count::Count::new(&max, now));
         self.enable_counted();
         self.settle(now);
     }
 
-    /// Enables the first `count` slots of each rank, and disables the rest:
-    /// a disabled slot gets no more pieces, and once its last is
+    /// Enables the first slots of each rank, as many as its count (`threads
+    /// auto`) and the operator's limit allow, and disables the rest: a
+    /// disabled slot gets no more pieces, and once its last is
     /// acknowledged its connection closes ([`Self::retired`]).
     fn enable_counted(&mut self) {
-        let Some(count) = &self.count else { return };
         let mut seen = vec![0usize; self.ranks];
         for slot in &mut self.slots {
-            let enabled = seen[slot.rank] < count.active(slot.rank);
-            seen[slot.rank] += 1;
+            let r = slot.rank;
+            let counted = self.count.as_ref().map_or(usize::MAX, |c| c.active(r));
+            let enabled = seen[r] < counted.min(self.limits[r].unwrap_or(usize::MAX));
+            seen[r] += 1;
             if !enabled && !slot.connected {
                 // Not dialing is not a failed first attempt.
                 slot.first_attempt = false;
@@ -417,6 +435,83 @@ impl Schedule {
             slot.enabled = enabled;
         }
         self.wake_all();
+    }
+
+    /// A new destination joins as rank `at` (0 is the most preferred; the
+    /// ranks from `at` on move one down) with `slots` connections. Returns
+    /// the new workers' indexes.
+    pub fn insert_rank(
+        &mut self,
+        at: usize,
+        slots: usize,
+        name: String,
+        now: Instant,
+    ) -> std::ops::Range<usize> {
+        let at = at.min(self.ranks);
+        for slot in &mut self.slots {
+            if slot.rank >= at {
+                slot.rank += 1;
+            }
+        }
+        self.rank_inflight.insert(at, 0);
+        self.rank_down.insert(at, false);
+        self.rank_acked.insert(at, 0);
+        self.limits.insert(at, None);
+        if self.rank_names.len() >= at {
+            self.rank_names.insert(at, name);
+        }
+        self.ranks += 1;
+        if let Some(count) = &mut self.count {
+            count.insert(at, slots, now);
+        }
+        self.add_slots(at, slots, now)
+    }
+
+    /// Adds `n` connections to rank `rank`; returns their workers' indexes.
+    pub fn add_slots(&mut self, rank: usize, n: usize, now: Instant) -> std::ops::Range<usize> {
+        let first = self.slots.len();
+        let piece = INITIAL_PIECE.min(self.params.foot_size).max(1);
+        for _ in 0..n {
+            self.slots.push(Slot::new(rank, piece, now));
+            self.woken.push(false);
+        }
+        let total = self.rank_slots(rank);
+        if let Some(count) = &mut self.count {
+            count.grow(rank, total);
+        }
+        self.enable_counted();
+        self.settle(now);
+        first..self.slots.len()
+    }
+
+    /// Sets the operator's limit on rank `rank`'s connections: `Some(0)`
+    /// drains it (no new pieces; its connections close once their pieces
+    /// are acknowledged), `None` lifts the limit.
+    pub fn set_limit(&mut self, rank: usize, limit: Option<usize>, now: Instant) {
+        self.limits[rank] = limit;
+        if limit != Some(0) {
+            // Its connections are tried again: a first attempt once more.
+            for s in self
+                .slots
+                .iter_mut()
+                .filter(|s| s.rank == rank && !s.connected)
+            {
+                s.first_attempt = true;
+            }
+            self.rank_down[rank] = false;
+        }
+        self.enable_counted();
+        self.settle(now);
+    }
+
+    /// The number of ranks.
+    pub fn ranks(&self) -> usize {
+        self.ranks
+    }
+
+    /// Each rank's connections (slots), in use or not.
+    pub fn rank_slots(&self, rank: usize) -> usize {
+        self.slots.iter().filter(|s| s.rank == rank).count()
     }
 
     /// Whether worker `w` may connect and take pieces.
@@ -493,7 +588,10 @@ impl Schedule {
         }
         for rank in 0..self.ranks {
             let mut of_rank = self.slots.iter().filter(|s| s.rank == rank);
-            let down = !self.rank_down[rank] && of_rank.all(|s| !s.connected && !s.first_attempt);
+            let drained = self.limits[rank] == Some(0);
+            let down = !drained
+                && !self.rank_down[rank]
+                && of_rank.all(|s| !s.connected && !s.first_attempt);
             if down {
                 self.rank_down[rank] = true;
                 let notice = format!(
@@ -1257,7 +1355,16 @@ impl Schedule {
             inflight: self.slots.iter().map(|s| s.inflight.len()).collect(),
             piece: self.slots.iter().map(|s| s.piece).collect(),
             connected: self.connected,
+            rank: self.slots.iter().map(|s| s.rank).collect(),
+            enabled: self.slots.iter().map(|s| s.enabled).collect(),
+            rate: self.slots.iter().map(|s| s.rate).collect(),
+            limits: self.limits.clone(),
         }
+    }
+
+    /// Since when work has been outstanding without progress, if it is.
+    pub fn stuck_since(&self) -> Option<Instant> {
+        (self.stuck && !self.finished).then_some(self.motion)
     }
 
     /// Pieces resent after a connection was lost (or found stalled).
@@ -1366,6 +1473,64 @@ mod tests {
             s.can_send(1, two),
             "the other connection still takes pieces"
         );
+    }
+
+    #[test]
+    fn a_drained_rank_finishes_what_it_carries_takes_nothing_new_then_closes() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0, 1], t0);
+        s.admit(chunk(0, 8 * FOOT), false, t0);
+        let a = send(&mut s, 0, t0).id;
+        s.set_limit(0, Some(0), t0);
+        assert!(!s.is_enabled(0) && !s.retired(0), "its piece is still out");
+        assert!(
+            s.poll_send(0, t0).is_none(),
+            "a drained rank takes nothing new"
+        );
+        // The other rank takes the input without waiting for the drained one.
+        let b = send(&mut s, 1, t0).id;
+        assert_ne!(a, b);
+        s.ack(0, a, t0 + Duration::from_millis(10));
+        assert!(
+            s.retired(0),
+            "its last piece is back: its connection closes"
+        );
+        s.disconnected(0, t0 + Duration::from_millis(10));
+        s.set_limit(0, None, t0 + Duration::from_millis(20));
+        assert!(s.is_enabled(0), "undrained");
+        assert_eq!(s.snapshot().limits, vec![None, None]);
+    }
+
+    #[test]
+    fn a_destination_added_as_the_best_rank_takes_the_input_first() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0, 0], t0);
+        s.name_ranks(vec!["a:1".into()]);
+        s.admit(chunk(0, 8 * FOOT), false, t0);
+        let added = s.insert_rank(0, 2, "b:2".into(), t0);
+        assert_eq!(added, 2..4);
+        assert_eq!(s.snapshot().rank, vec![1, 1, 0, 0]);
+        for w in added.clone() {
+            s.connected(w, t0);
+        }
+        // The new rank 0 has room: the old one waits for the spill patience.
+        assert!(s.poll_send(0, t0).is_none());
+        send(&mut s, 2, t0);
+        assert!(s.poll_send(0, t0 + SPILL_PATIENCE).is_some());
+        let more = s.add_slots(0, 1, t0);
+        assert_eq!(more, 4..5);
+        assert_eq!(s.rank_slots(0), 3);
+        assert_eq!(s.rank_name(0), "b:2");
+    }
+
+    #[test]
+    fn threads_n_caps_a_rank_and_the_rest_close_once_idle() {
+        let t0 = Instant::now();
+        let mut s = sched(64, 2, &[0, 0, 0], t0);
+        s.set_limit(0, Some(1), t0);
+        let snap = s.snapshot();
+        assert_eq!(snap.enabled, vec![true, false, false]);
+        assert!(s.retired(1) && s.retired(2));
     }
 
     #[test]

@@ -78,8 +78,13 @@ pub struct Window {
     events: Option<crate::events::Sink>,
 }
 
+/// The most workers a window has room for, destinations added while
+/// running included.
+pub const MAX_WORKERS: usize = 1024;
+
 impl Window {
-    /// A window for workers of the given ranks.
+    /// A window for workers of the given ranks (at most [`MAX_WORKERS`]),
+    /// with room for more to be added up to that.
     pub fn new(params: Params, ranks: &[usize]) -> Window {
         Window {
             state: Mutex::new(Inner {
@@ -91,7 +96,9 @@ impl Window {
             }),
             changed: Condvar::new(),
             room: Condvar::new(),
-            workers: ranks.iter().map(|_| Condvar::new()).collect(),
+            workers: (0..MAX_WORKERS.max(ranks.len()))
+                .map(|_| Condvar::new())
+                .collect(),
             window: u64::from(params.window),
             sends: AtomicU64::new(0),
             faults: AtomicU64::new(0),
@@ -251,6 +258,52 @@ impl Window {
     /// find the count (see the schedule).
     pub fn find_count(&self) {
         self.with(|s, now| s.find_count(now));
+    }
+
+    /// A destination joins as rank `at` with `slots` connections, named
+    /// `name`; returns the new workers' indexes, or `None` if the window
+    /// has no room for so many workers.
+    pub fn insert_rank(
+        &self,
+        at: usize,
+        slots: usize,
+        name: String,
+    ) -> Option<std::ops::Range<usize>> {
+        let mut s = self.lock();
+        if s.closers.len() + slots > self.workers.len() {
+            return None;
+        }
+        let range = s.schedule.insert_rank(at, slots, name, Instant::now());
+        s.closers.resize_with(range.end, || None);
+        self.apply(&mut s);
+        Some(range)
+    }
+
+    /// Rank `rank` gets `n` connections more; `None` if there is no room.
+    pub fn add_slots(&self, rank: usize, n: usize) -> Option<std::ops::Range<usize>> {
+        let mut s = self.lock();
+        if s.closers.len() + n > self.workers.len() {
+            return None;
+        }
+        let range = s.schedule.add_slots(rank, n, Instant::now());
+        s.closers.resize_with(range.end, || None);
+        self.apply(&mut s);
+        Some(range)
+    }
+
+    /// Limits rank `rank`'s connections (see [`Schedule::set_limit`]).
+    pub fn set_limit(&self, rank: usize, limit: Option<usize>) {
+        self.with(|s, now| s.set_limit(rank, limit, now));
+    }
+
+    /// How long work has been outstanding without progress, if it is.
+    pub fn stuck_for(&self) -> Option<Duration> {
+        self.lock().schedule.stuck_since().map(|t| t.elapsed())
+    }
+
+    /// Rank `rank`'s connections, in use or not.
+    pub fn rank_slots(&self, rank: usize) -> usize {
+        self.lock().schedule.rank_slots(rank)
     }
 
     /// Waits until worker `w` may connect; false if the transfer is over.
