@@ -25,10 +25,14 @@ pub enum LinkState {
     Closed = 4,
     /// Receiving (rx side).
     Receiving = 5,
+    /// Not in use: beyond the count `threads auto` chose, or its
+    /// destination drained.
+    Parked = 6,
 }
 
 impl LinkState {
-    fn name(self) -> &'static str {
+    /// Its name in reports and the status document.
+    pub fn name(self) -> &'static str {
         match self {
             LinkState::Connecting => "connecting",
             LinkState::Idle => "idle",
@@ -36,6 +40,7 @@ impl LinkState {
             LinkState::Backoff => "backoff",
             LinkState::Closed => "closed",
             LinkState::Receiving => "receiving",
+            LinkState::Parked => "parked",
         }
     }
 
@@ -46,6 +51,7 @@ impl LinkState {
             2 => LinkState::Sending,
             3 => LinkState::Backoff,
             5 => LinkState::Receiving,
+            6 => LinkState::Parked,
             _ => LinkState::Closed,
         }
     }

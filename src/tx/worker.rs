@@ -67,7 +67,10 @@ pub fn run(shared: &Shared, w: usize, dest: &Destination, link: &Link) {
     let mut connections = 0u64;
     while !shared.window.is_finished() {
         // With `threads auto`, only the connections the count uses dial.
-        if !shared.window.wait_enabled(w) {
+        if !shared
+            .window
+            .wait_enabled(w, || link.set_state(LinkState::Parked))
+        {
             break;
         }
         link.set_state(LinkState::Connecting);
