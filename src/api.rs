@@ -163,10 +163,8 @@ impl Engine {
 
 /// The options both ends share.
 fn base(mode: Mode) -> Config {
-    let mut c = Config::new(mode);
-    // The caller's process, not ours: no handlers for its signals.
-    c.signals = false;
-    c
+    // The caller's process, not ours: no controls unless it sets some.
+    Config::new(mode)
 }
 
 /// Builds a [`Sender`]: where to send, and how. Every option has the
@@ -265,9 +263,9 @@ impl SenderBuilder {
 
     /// A builder holding every option of `config` (the command line's
     /// whole set, as [`crate::cli`] parses it), its destinations those of
-    /// a [`Mode::Tx`]. Signal handlers and the progress display are
-    /// installed only if `config` asks (`signals`, `display`): the binary
-    /// asks, a library caller need not.
+    /// a [`Mode::Tx`]. The run is reached by signals and a control socket
+    /// only through `config.controls`, and shows progress only if
+    /// `config.display` asks: the binary sets both, a library caller need not.
     pub fn from_config(config: Config) -> SenderBuilder {
         let destinations = match &config.mode {
             Mode::Tx { destinations } => destinations.clone(),
@@ -594,17 +592,18 @@ impl ReceiverBuilder {
 
     /// Serves every sender's stream, each into its own run of the shell
     /// command `command` (`rx --exec`: the stream on its stdin, the
-    /// sender's name in `$VIAMILLIPEDE_NAME`), until the process is sent
-    /// SIGINT or SIGTERM; needs a configuration with `signals` set, as the
-    /// command line's. `on_ready` hears the address.
+    /// sender's name in `$VIAMILLIPEDE_NAME`), until stopped through the
+    /// configuration's [`crate::control::Controls`] (the command line's
+    /// SIGINT, SIGTERM or `ctl stop`), which it needs. `on_ready` hears the
+    /// address.
     pub fn serve_commands(
         self,
         command: &str,
         on_ready: impl FnOnce(SocketAddr),
     ) -> Result<Summary> {
-        if !self.config.signals {
+        if self.config.controls.is_none() {
             return Err(Error::Usage(
-                "serving commands runs until a signal: it needs the signal handlers".into(),
+                "serving commands runs until it is stopped: it needs controls (Config::controls) to stop it".into(),
             ));
         }
         let (config, listener, _) = self.listen()?;

@@ -113,7 +113,8 @@ SIGUSR1 (SIGINFO, ^T, where the system has it) prints a report of every
 connection on stderr; SIGUSR2 cycles the log level (warn, info, debug,
 trace); SIGINT and SIGTERM stop cleanly: the other side is told why, and a
 receiver finishes the foot it is writing. A second SIGINT or SIGTERM exits at
-once (when the program reading the output has stopped reading, say).";
+once (when the program reading the output has stopped reading, say).
+`viamillipede ctl PATH stop` on a --control socket stops as SIGINT does.";
 
 /// The exit statuses, for `--help` and the man page.
 pub const EXIT_STATUS: &str = "\
@@ -127,6 +128,7 @@ pub const FILES: &str = "\
 --key-file FILE (or VIAMILLIPEDE_KEY_FILE): the pre-shared key, 32 random bytes
 or 64 hex digits, readable by its owner only; --genkey FILE writes one.
 --stats-json FILE: written at exit whatever the outcome (checked at start).
+--control PATH: a Unix socket (mode 600) served while running, removed at exit.
 ~/.ssh/config and the ssh client's other files: used by viamillipede ssh
 through the system's ssh.";
 
@@ -340,6 +342,14 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
 
+    /// Serve a control socket at PATH (a Unix socket, mode 600) while
+    /// running: `viamillipede ctl PATH status` prints the live status as
+    /// JSON (exit 0 when healthy, 1 when degraded); on the sender, `add`,
+    /// `drain`, `undrain`, `threads` and `rate` change its destinations
+    /// while the stream goes on; `stop` stops as SIGINT does.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
+
     /// Reverse connections, sending side: listen on [ADDR:]PORT and let the
     /// receiver connect (through a firewall or NAT that only lets the
     /// receiver's side dial out). Replaces `tx HOST PORT`.
@@ -510,7 +520,8 @@ fn parse_ip(s: &str, what: &str) -> Result<std::net::IpAddr, Error> {
         .map_err(|_| Error::Usage(format!("'{s}' in {what} is not an IP address")))
 }
 
-fn parse_rate(s: &str) -> Result<u64, String> {
+/// A rate in bytes per second, as `--rate` takes it (`10M`).
+pub fn parse_rate(s: &str) -> Result<u64, String> {
     match parse_size(s)? {
         0 => Err("the rate must be above 0".into()),
         n => Ok(n),
@@ -867,6 +878,8 @@ impl Cli {
                 size: self.size,
             },
             stats_json: self.stats_json,
+            control: self.control,
+            controls: None,
             compress: self.compress,
             socket: SocketOptions {
                 sndbuf: self.sndbuf,
@@ -889,7 +902,6 @@ impl Cli {
                 rate: self.rate,
             },
             local_receiver: None,
-            signals: true,
             events: None,
             name: self.name,
             exec: self.exec,
@@ -955,7 +967,7 @@ pub fn ignored_warning(names: &[&str]) -> Option<String> {
 /// A completion script for `shell`: files only where a file is meant, and
 /// the keywords as well as the dashed options.
 fn completions(shell: clap_complete::Shell) -> String {
-    let files = ["key_file", "stats_json", "genkey"];
+    let files = ["key_file", "stats_json", "genkey", "control"];
     let mut cmd = Cli::command().mut_args(|a| {
         if !a.get_action().takes_values() {
             a

@@ -189,10 +189,12 @@ pub struct Config {
     /// on both hosts, a connection relayed back to its own process would
     /// otherwise prove the key).
     pub local_receiver: Option<[u8; 8]>,
-    /// Whether this run owns the process's signals: SIGUSR1 reports,
-    /// SIGINT and SIGTERM stop (the command line); a library caller's
-    /// process keeps its own.
-    pub signals: bool,
+    /// Where the running sides attach for the binary's signals and the
+    /// control socket to reach them ([`crate::control`]); a library
+    /// caller's run has none unless it sets one.
+    pub controls: Option<crate::control::Controls>,
+    /// The control socket's path (`--control`), served by the binary.
+    pub control: Option<std::path::PathBuf>,
     /// Where to tell a program embedding the library what happens.
     pub events: Option<crate::events::Sink>,
     /// tx: the stream's name (`--name`), told to the receiver.
@@ -249,7 +251,8 @@ impl Config {
             stats_json: None,
             pacing: Pacing::default(),
             local_receiver: None,
-            signals: true,
+            controls: None,
+            control: None,
             events: None,
             name: None,
             exec: None,

@@ -19,6 +19,7 @@
 mod api;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod duplex;
 pub mod error;
@@ -31,7 +32,6 @@ pub mod protocol;
 pub mod reorder;
 pub mod report;
 pub mod rx;
-pub mod signals;
 #[cfg(test)]
 mod sim;
 pub mod stats;

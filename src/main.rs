@@ -9,6 +9,7 @@ use viamillipede::error::Error;
 use viamillipede::stats::{human_bytes, rate};
 use viamillipede::Summary;
 
+mod signals;
 mod ssh;
 
 fn main() -> ExitCode {
@@ -16,9 +17,10 @@ fn main() -> ExitCode {
     match args.get(1).and_then(|a| a.to_str()) {
         Some("ssh") => return ssh::main(&args[2..]),
         Some(ssh::SERVE) => return ssh::serve_main(&args[2..]),
+        Some("ctl") => return ctl(&args[2..]),
         _ => {}
     }
-    let config = match cli::parse(args) {
+    let mut config = match cli::parse(args) {
         Ok(Parsed::Run(c)) => c,
         Ok(Parsed::Print(text)) => {
             let _ = std::io::stdout().write_all(text.as_bytes());
@@ -35,7 +37,7 @@ fn main() -> ExitCode {
     {
         log::warn!("{w}");
     }
-    let result = viamillipede::run(&config);
+    let result = signals::install(&mut config).and_then(|_installed| viamillipede::run(&config));
     finish(&config, result)
 }
 
@@ -64,6 +66,78 @@ fn finish(config: &Config, result: viamillipede::error::Result<Summary>) -> Exit
         }
         Err(e) => fail(&e),
     }
+}
+
+const CTL_HELP: &str = "\
+Usage: viamillipede ctl PATH COMMAND
+
+Talks to a running viamillipede started with --control PATH.
+
+Commands:
+  status                          the live status as JSON; exit 0 when
+                                  healthy, 1 when degraded
+  add HOST PORT [threads N] [rank R]
+                                  a new destination joins the stream (rank 1
+                                  is the most preferred; last if not given)
+  drain HOST PORT                 no new feet to it; its connections close
+                                  once their feet are acknowledged
+  undrain HOST PORT               it takes feet again
+  threads HOST PORT N             its connections, 1 to 64
+  rate RATE|none                  the sender's rate limit (10M: 10 MiB/s)
+  stop                            stop cleanly, as SIGINT does
+
+add, drain, undrain, threads and rate are the sender's. Exit status: 0 done
+(status: healthy), 1 refused or degraded (the reason on stderr), 2 for a
+bad command line or a socket that does not answer.
+";
+
+/// `viamillipede ctl PATH COMMAND...`: one request to a control socket.
+fn ctl(args: &[std::ffi::OsString]) -> ExitCode {
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if args.is_empty() || args.iter().any(|a| a == "--help" || a == "-h") {
+        let _ = std::io::stdout().write_all(CTL_HELP.as_bytes());
+        return ExitCode::from(if args.is_empty() { 2 } else { 0 });
+    }
+    let (path, words) = (std::path::Path::new(&args[0]), &args[1..]);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    // Found out here, before anything is sent.
+    if let Err(e) = viamillipede::control::Command::parse(&words) {
+        eprintln!("viamillipede ctl: {e}");
+        return ExitCode::from(2);
+    }
+    let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+    let answer =
+        match viamillipede::control::request(path, &words, std::time::Duration::from_secs(10)) {
+            Ok(a) => a,
+            Err(e) => {
+                let hint = match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                        " (is a viamillipede with --control at that path running?)"
+                    }
+                    _ => "",
+                };
+                eprintln!("viamillipede ctl: {}: {e}{hint}", path.display());
+                return ExitCode::from(2);
+            }
+        };
+    let message = answer["message"].as_str().unwrap_or("");
+    if answer["ok"] != true {
+        eprintln!("viamillipede ctl: {message}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(status) = answer.get("status") {
+        let text = serde_json::to_string_pretty(status).unwrap_or_default();
+        let _ = writeln!(std::io::stdout(), "{text}");
+        return match answer["healthy"] == true {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
+        };
+    }
+    let _ = writeln!(std::io::stdout(), "{message}");
+    ExitCode::SUCCESS
 }
 
 fn fail(e: &Error) -> ExitCode {

@@ -89,6 +89,11 @@ impl Monitor {
         }
     }
 
+    /// The throughput series so far (kept only if asked for at the start).
+    pub fn series(&self) -> Arc<Mutex<Vec<u64>>> {
+        Arc::clone(&self.series)
+    }
+
     /// Stops the monitor (drawing a last progress line) and returns the
     /// bytes moved in each second (the last may be partial).
     pub fn finish(mut self) -> Vec<u64> {

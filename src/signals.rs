@@ -1,12 +1,18 @@
-//! Signals, handled on a thread of their own: SIGUSR1 (and SIGINFO, where
-//! the system has it) prints a report on stderr without touching stdout or
-//! the data path; SIGUSR2 cycles the log level (warn, info, debug, trace);
-//! SIGINT and SIGTERM stop the transfer cleanly.
+//! The binary's hold on the process: its signals, handled on a thread of
+//! their own, and the control socket. SIGUSR1 (and SIGINFO, where the
+//! system has it) prints a report on stderr without touching stdout or the
+//! data path; SIGUSR2 cycles the log level (warn, info, debug, trace);
+//! SIGINT and SIGTERM stop the transfer cleanly. Both reach the running
+//! sides through the configuration's [`Controls`]; the library itself
+//! installs nothing.
 
 use signal_hook::consts::SIGUSR2;
 use signal_hook::iterator::{Handle, Signals};
 use std::io::{self, Write};
 use std::thread::JoinHandle;
+use viamillipede::config::Config;
+use viamillipede::control::{Controls, Socket, Stopped};
+use viamillipede::error::{signal_name, Error};
 
 /// The signals that ask for a report.
 fn report_signals() -> Vec<i32> {
@@ -82,7 +88,7 @@ impl Reporter {
                         let _ = writeln!(
                             io::stderr(),
                             "viamillipede: {} again: exiting at once; the output may be incomplete",
-                            crate::error::signal_name(sig)
+                            signal_name(sig)
                         );
                         std::process::exit(128 + sig);
                     }
@@ -93,6 +99,54 @@ impl Reporter {
             thread: Some(thread),
         })
     }
+}
+
+/// The signal handlers and the control socket of one run; gone on drop.
+pub struct Installed {
+    _reporter: Reporter,
+    _socket: Option<Socket>,
+}
+
+/// Gives `config` controls, reached by the signals and, with `--control
+/// PATH`, by the control socket.
+pub fn install(config: &mut Config) -> Result<Installed, Error> {
+    let controls = Controls::new();
+    let (reported, stopped) = (controls.clone(), controls.clone());
+    let reporter = Reporter::spawn(
+        move || reported.report(),
+        move |sig| {
+            let why = format!("stopped by {}", signal_name(sig));
+            if stopped.stop(&why, sig) == Stopped::Early {
+                // Nothing runs yet, so nothing is lost: as the signal's
+                // default would.
+                let _ = writeln!(
+                    io::stderr(),
+                    "viamillipede: {why} before the transfer started"
+                );
+                std::process::exit(128 + sig);
+            }
+        },
+    )
+    .map_err(|e| Error::io("install signal handlers", e))?;
+    let socket = match &config.control {
+        Some(path) => {
+            let socket = Socket::serve(path, controls.clone()).map_err(|e| {
+                Error::io(format!("serve the control socket {}", path.display()), e)
+            })?;
+            let _ = writeln!(
+                io::stderr(),
+                "viamillipede: control socket at {}",
+                path.display()
+            );
+            Some(socket)
+        }
+        None => None,
+    };
+    config.controls = Some(controls);
+    Ok(Installed {
+        _reporter: reporter,
+        _socket: socket,
+    })
 }
 
 impl Drop for Reporter {

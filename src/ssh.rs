@@ -419,7 +419,8 @@ pub fn main(args: &[OsString]) -> ExitCode {
     for w in &config.warnings {
         log::warn!("{w}");
     }
-    let result = run_near(&inv, &mut config, near, far);
+    let result = crate::signals::install(&mut config)
+        .and_then(|_installed| run_near(&inv, &mut config, near, far));
     finish(&config, result)
 }
 
@@ -693,7 +694,8 @@ pub fn serve_main(args: &[OsString]) -> ExitCode {
         Err(e) => return fail(&e),
     };
     init_logging(config.log_level(), "viamillipede (far side)");
-    match run_far(&setup, role, &mut config, stdin) {
+    let installed = crate::signals::install(&mut config);
+    match installed.and_then(|_installed| run_far(&setup, role, &mut config, stdin)) {
         Ok(code) => code,
         Err(e) => {
             log::error!("{e}");

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binary on loopback.
 
 mod attacks;
+mod control;
 #[allow(dead_code)]
 #[path = "../benches/emulator.rs"]
 mod emulator;

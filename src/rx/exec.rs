@@ -275,27 +275,12 @@ pub fn serve(
     };
     let hub = Hub::new(config.clone(), Flows::Many(Many::new(Box::new(open))));
     let (stop_tx, stop_rx) = crossbeam_channel::bounded::<i32>(1);
-    let _reporter = {
-        let (reported, stopped) = (Arc::clone(&hub), Arc::clone(&hub));
-        let stop = move |sig| {
-            let why = format!("stopped by {}", crate::error::signal_name(sig));
-            // Only a stream still running is cut: a complete one may be
-            // lingering for its sender to hang up.
-            let cut = stopped
-                .states()
-                .iter()
-                .any(|s| s.progress() == super::state::Progress::Running);
-            stopped.stop(&why, || Error::Interrupted(sig));
+    let _attached = super::attach(
+        &hub,
+        Some(Box::new(move |sig, cut| {
             let _ = stop_tx.try_send(if cut { sig } else { 0 });
-        };
-        match config.signals {
-            true => Some(
-                crate::signals::Reporter::spawn(move || super::report(&reported), stop)
-                    .map_err(|e| Error::io("install signal handlers", e))?,
-            ),
-            false => None,
-        }
-    };
+        })),
+    );
     let started = Instant::now();
     hub.listen(listener)?;
     on_ready(local);

@@ -17,7 +17,6 @@ use crate::config::{Config, Destination};
 use crate::error::{Error, Result};
 use crate::monitor::Monitor;
 use crate::protocol::handshake::Dial;
-use crate::signals::Reporter;
 use crate::stats::{human_bytes, LinkState};
 use crate::{net, report, Summary};
 use crossbeam_channel::RecvTimeoutError;
@@ -207,20 +206,51 @@ enum Incoming {
     Dial(Vec<Destination>),
 }
 
-/// Installs the command line's signal handlers for a receiver: SIGUSR1
-/// reports every flow, SIGINT and SIGTERM stop them.
-fn signals(hub: &Arc<Hub>) -> Result<Option<Reporter>> {
-    if !hub.config.signals {
-        return Ok(None);
+/// A receiver's side of the controls: every flow's report and status; a
+/// stop ends them all, and `then` hears of it (the signal, and whether a
+/// stream still running was cut).
+pub(crate) struct Live {
+    hub: Arc<Hub>,
+    then: Option<Box<dyn Fn(i32, bool) + Send + Sync>>,
+}
+
+impl crate::control::Running for Live {
+    fn report(&self) -> String {
+        report(&self.hub)
     }
-    let (reported, stopped) = (Arc::clone(hub), Arc::clone(hub));
-    let stop = move |sig| {
-        let why = format!("stopped by {}", crate::error::signal_name(sig));
-        stopped.stop(&why, || Error::Interrupted(sig));
+
+    fn status(&self) -> serde_json::Value {
+        status(&self.hub)
+    }
+
+    fn stop(&self, why: &str, sig: i32) {
+        // Only a stream still running is cut: a complete one may be
+        // lingering for its sender to hang up.
+        let cut = self
+            .hub
+            .states()
+            .iter()
+            .any(|s| s.progress() == Progress::Running);
+        self.hub.stop(why, || Error::Interrupted(sig));
+        if let Some(then) = &self.then {
+            then(sig, cut);
+        }
+    }
+}
+
+/// Attaches a receiver to the configuration's controls, if it has any.
+pub(crate) fn attach(
+    hub: &Arc<Hub>,
+    then: Option<Box<dyn Fn(i32, bool) + Send + Sync>>,
+) -> Option<crate::control::Attached> {
+    let live = Live {
+        hub: Arc::clone(hub),
+        then,
     };
-    Reporter::spawn(move || report(&reported), stop)
-        .map(Some)
-        .map_err(|e| Error::io("install signal handlers", e))
+    hub.config
+        .controls
+        .as_ref()
+        .map(|c| c.attach(Arc::new(live)))
 }
 
 /// One flow's receiver: the stream from whichever sender arrives first.
@@ -233,7 +263,7 @@ fn receive_from(
     let (state, (feet_rx, events_rx)) = State::new(config.clone());
     let state = Arc::new(state);
     let hub = Hub::new(config.clone(), Flows::One(Arc::clone(&state)));
-    let _reporter = signals(&hub)?;
+    let _attached = attach(&hub, None);
     {
         let state = Arc::clone(&state);
         spawn("rx-sequencer", move || {
@@ -549,6 +579,63 @@ fn report(hub: &Hub) -> String {
         hub.refused.load(Ordering::Relaxed)
     );
     out
+}
+
+/// The receiver's side of the status document: every flow's counters and
+/// connections, and as problems the flows whose sender is gone.
+fn status(hub: &Hub) -> serde_json::Value {
+    use serde_json::json;
+    let mut problems: Vec<String> = Vec::new();
+    let flows: Vec<serde_json::Value> = hub
+        .states()
+        .iter()
+        .map(|state| {
+            let conns = state.connections();
+            let running = state.progress() == Progress::Running;
+            let seen = state.arrived.load(Ordering::Relaxed) > 0 || !state.closed_links().is_empty();
+            if running && seen && conns.is_empty() {
+                problems.push(format!("flow {}: every connection from the sender is gone", state.label()));
+            }
+            let connections: Vec<serde_json::Value> = conns
+                .iter()
+                .map(|c| {
+                    let l = &c.link;
+                    json!({"peer": l.peer, "bytes": l.bytes(), "wire_bytes": l.wire_bytes(),
+                           "feet": l.feet(), "reconnects": l.reconnects(), "state": l.state().name()})
+                })
+                .collect();
+            let delivered = state.delivered.load(Ordering::Relaxed);
+            let duplicates = state.duplicates.load(Ordering::Relaxed);
+            json!({
+                "flow": state.label(),
+                "name": state.name.get(),
+                "state": match state.progress() {
+                    Progress::Running => "running".to_string(),
+                    Progress::Complete(_) => "complete".to_string(),
+                    Progress::Failed(why) => format!("failed: {why}"),
+                },
+                "payload_bytes": state.written.load(Ordering::Relaxed),
+                "seconds": state.clock.elapsed().as_secs_f64(),
+                "feet": state.arrived.load(Ordering::Relaxed),
+                "duplicates": duplicates,
+                "buffered_feet": state.arrived.load(Ordering::Relaxed).saturating_sub(duplicates + delivered),
+                "next_foot": delivered,
+                "connections": connections,
+            })
+        })
+        .collect();
+    let written: u64 = flows
+        .iter()
+        .filter_map(|f| f["payload_bytes"].as_u64())
+        .sum();
+    json!({
+        "role": "rx",
+        "payload_bytes": written,
+        "flows": flows,
+        "handshaking": hub.gate.open(),
+        "refused": hub.refused.load(Ordering::Relaxed),
+        "problems": problems,
+    })
 }
 
 /// One flow's part of the report.

@@ -6,6 +6,7 @@
 //! confirmation, a fatal error, or the reconnect timeout.
 
 pub mod count;
+mod live;
 pub mod schedule;
 mod udp;
 pub mod window;
@@ -19,7 +20,6 @@ use crate::pool::Pool;
 use crate::prbs::Prbs;
 use crate::protocol::handshake::{Dial, DIAL_LEN};
 use crate::report;
-use crate::signals::Reporter;
 use crate::stats::{human_bytes, Clock, Link, LinkState};
 use crate::Summary;
 use schedule::Params;
@@ -129,7 +129,7 @@ const DIAL_INDEXES: usize = 64;
 struct Crew {
     config: Config,
     window: Arc<Window>,
-    links: Arc<Vec<Link>>,
+    links: Arc<live::Links>,
     session: [u8; 16],
     stop: crossbeam_channel::Receiver<()>,
     exited: crossbeam_channel::Sender<()>,
@@ -159,11 +159,10 @@ fn spawn_worker(crew: &Arc<Crew>, w: usize, source: Source) -> Result<()> {
                 stop: crew.stop.clone(),
                 paths: &crew.paths,
             };
+            let link = crew.links.get(w);
             match &source {
-                Source::Dial(dest) => worker::run(&shared, w, dest, &crew.links[w]),
-                Source::Accept(streams) => {
-                    worker::run_accepted(&shared, w, streams, &crew.links[w])
-                }
+                Source::Dial(dest) => worker::run(&shared, w, dest, &link),
+                Source::Accept(streams) => worker::run_accepted(&shared, w, streams, &link),
             }
         })
         .map(drop)
@@ -290,41 +289,43 @@ pub fn send(
             window.find_count();
         }
     }
-    let links: Arc<Vec<Link>> = Arc::new(labels.into_iter().map(Link::new).collect());
+    let links = Arc::new(live::Links::new(labels));
     let clock = Arc::new(Clock::new());
     let stream_digest: Arc<OnceLock<u128>> = Arc::default();
     let read = Arc::new(AtomicU64::new(0));
-
-    let _reporter = {
-        let (window, links, clock, read) = (
-            Arc::clone(&window),
-            Arc::clone(&links),
-            Arc::clone(&clock),
-            Arc::clone(&read),
-        );
-        let stop = Arc::clone(&window);
-        match config.signals {
-            true => Some(
-                Reporter::spawn(
-                    move || report(&window, &links, &clock, read.load(Relaxed), accepting),
-                    move |sig| {
-                        let why = format!("stopped by {}", crate::error::signal_name(sig));
-                        stop.cancel(why, Error::Interrupted(sig));
-                    },
-                )
-                .map_err(|e| Error::io("install signal handlers", e))?,
-            ),
-            false => None,
-        }
+    let rate = Arc::new(AtomicU64::new(config.pacing.rate.unwrap_or(0)));
+    let dialed = match &connections {
+        Connections::Dial(destinations) => destinations.to_vec(),
+        Connections::Accept(_) => Vec::new(),
     };
+    let live = Arc::new(live::Live::new(
+        Arc::clone(&window),
+        Arc::clone(&links),
+        Arc::clone(&clock),
+        Arc::clone(&read),
+        Arc::clone(&rate),
+        &dialed,
+        threads,
+        accepting,
+    ));
+    let _attached = config
+        .controls
+        .as_ref()
+        .map(|c| c.attach(Arc::clone(&live) as Arc<dyn crate::control::Running>));
 
     {
-        let (window, read) = (Arc::clone(&window), Arc::clone(&read));
+        let (window, read, rate) = (Arc::clone(&window), Arc::clone(&read), Arc::clone(&rate));
         let (foot_size, pacing) = (config.foot_size, config.pacing.clone());
         let digest = config.checksums.then(|| Arc::clone(&stream_digest));
         std::thread::Builder::new()
             .name("tx-reader".into())
-            .spawn(move || ingest(input, foot_size, &pacing, &window, &read, digest.as_deref()))
+            .spawn(move || {
+                let paced = Paced {
+                    pacing: &pacing,
+                    rate: &rate,
+                };
+                ingest(input, foot_size, &paced, &window, &read, digest.as_deref())
+            })
             .map_err(|e| Error::io("spawn reader thread", e))?;
     }
 
@@ -347,6 +348,9 @@ pub fn send(
         exited: exit_tx,
         paths: Arc::clone(&paths),
     });
+    if matches!(connections, Connections::Dial(_)) {
+        *live.crew.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&crew));
+    }
     let mut wake_acceptor = None;
     match connections {
         Connections::Dial(_) => {
@@ -375,11 +379,14 @@ pub fn send(
                 (delivered, read.load(Relaxed).saturating_sub(delivered))
             },
             config.display,
-            config.stats_json.is_some(),
+            config.stats_json.is_some() || config.controls.is_some(),
             "delivered",
         )
     };
+    let _ = live.series.set(monitor.series());
     let outcome = window.outcome();
+    // No workers are added from now on: the last ones may exit.
+    live.over();
     window.finish(Err(Error::Internal("stopped".into())));
     paths.stop();
     let (datagrams, again) = paths.counts();
@@ -400,18 +407,22 @@ pub fn send(
 
     let sent = read.load(Relaxed);
     let throughput = monitor.finish();
+    let links = links.all();
     // Kept for the stats document only: a library's senders leave none.
     if config.stats_json.is_some() {
         report::record(report::Side {
             role: "tx",
             payload_bytes: sent,
-            wire_bytes: links.iter().map(Link::wire_bytes).sum(),
+            wire_bytes: links.iter().map(|l| l.wire_bytes()).sum(),
             seconds: clock.elapsed().as_secs_f64(),
-            feet: links.iter().map(Link::feet).sum(),
+            feet: links.iter().map(|l| l.feet()).sum(),
             retransmits: window.snapshot().retransmits,
-            reconnects: links.iter().map(Link::reconnects).sum(),
+            reconnects: links.iter().map(|l| l.reconnects()).sum(),
             throughput,
-            connections: links.iter().map(report::Connection::from).collect(),
+            connections: links
+                .iter()
+                .map(|l| report::Connection::from(&**l))
+                .collect(),
         });
     }
     if config.verbose >= 2 {
@@ -432,7 +443,7 @@ pub fn send(
             "receiver confirmed {bytes} bytes, but {sent} were sent"
         )));
     }
-    let reconnects: u64 = links.iter().map(Link::reconnects).sum();
+    let reconnects: u64 = links.iter().map(|l| l.reconnects()).sum();
     let snap = window.snapshot();
     let mut detail = format!(
         "{} retransmitted feet, {reconnects} reconnects",
@@ -451,11 +462,18 @@ pub fn send(
     })
 }
 
+/// How the reader paces the input: the options, and the rate in bytes per
+/// second (0 for none), which the controls may change while it runs.
+struct Paced<'a> {
+    pacing: &'a Pacing,
+    rate: &'a AtomicU64,
+}
+
 /// Cuts the input into feet and admits them to the window, paced as asked.
 fn ingest(
     mut input: impl Read,
     foot_size: u32,
-    pacing: &Pacing,
+    paced: &Paced<'_>,
     window: &Window,
     read: &AtomicU64,
     digest: Option<&OnceLock<u128>>,
@@ -463,7 +481,9 @@ fn ingest(
     let mut hasher = digest.map(|_| Xxh3Default::new());
     // One buffer more than the window: the one being filled.
     let pool = Pool::new(window.size() as usize + 1, foot_size as usize);
-    let start = Instant::now();
+    let pacing = paced.pacing;
+    // The token bucket counts from when the rate was last set.
+    let (mut start, mut since, mut rate) = (Instant::now(), 0u64, paced.rate.load(Relaxed));
     let mut total = 0u64;
     for chunk in 0.. {
         if let Some(delay) = pacing.delay {
@@ -494,10 +514,14 @@ fn ingest(
                 let _ = d.set(h.digest128());
             }
         }
-        if let Some(rate) = pacing.rate {
+        let now_rate = paced.rate.load(Relaxed);
+        if now_rate != rate {
+            (start, since, rate) = (Instant::now(), total - data.len() as u64, now_rate);
+        }
+        if rate > 0 {
             // Token bucket with one foot of burst: no foot leaves before the
             // bytes up to its end are due.
-            let due = start + Duration::from_secs_f64(total as f64 / rate as f64);
+            let due = start + Duration::from_secs_f64((total - since) as f64 / rate as f64);
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
         if !window.admit(data.into(), end) || end {
@@ -539,10 +563,16 @@ impl Drop for PanicGuard<'_> {
 }
 
 /// The SIGUSR1 report.
-fn report(window: &Window, links: &[Link], clock: &Clock, read: u64, accepting: bool) -> String {
+fn report(
+    window: &Window,
+    links: &[Arc<Link>],
+    clock: &Clock,
+    read: u64,
+    accepting: bool,
+) -> String {
     let snap = window.snapshot();
-    let sent: u64 = links.iter().map(Link::bytes).sum();
-    let reconnects: u64 = links.iter().map(Link::reconnects).sum();
+    let sent: u64 = links.iter().map(|l| l.bytes()).sum();
+    let reconnects: u64 = links.iter().map(|l| l.reconnects()).sum();
     let mut out = String::from("viamillipede tx report\n");
     for (w, link) in links.iter().enumerate() {
         // An accepting sender lists only the slots the receiver dialed.

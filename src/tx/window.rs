@@ -307,14 +307,19 @@ impl Window {
     }
 
     /// Waits until worker `w` may connect; false if the transfer is over.
-    pub fn wait_enabled(&self, w: usize) -> bool {
+    /// `parked` is told once, if it must wait.
+    pub fn wait_enabled(&self, w: usize, parked: impl FnOnce()) -> bool {
         let mut s = self.lock();
+        let mut parked = Some(parked);
         loop {
             if s.schedule.is_finished() {
                 return false;
             }
             if s.schedule.is_enabled(w) {
                 return true;
+            }
+            if let Some(tell) = parked.take() {
+                tell();
             }
             s = self.workers[w].wait(s).unwrap_or_else(|p| p.into_inner());
         }
