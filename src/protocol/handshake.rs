@@ -104,6 +104,8 @@ pub enum Reason {
     Failed = 5,
     /// Keys missing on one side, or not matching.
     Auth = 6,
+    /// A relay could not reach its next hop: try again, or elsewhere.
+    Unavailable = 7,
     /// Anything else; see the message.
     Other = 255,
 }
@@ -118,6 +120,7 @@ impl Reason {
             4 => Reason::Parameters,
             5 => Reason::Failed,
             6 => Reason::Auth,
+            7 => Reason::Unavailable,
             _ => Reason::Other,
         }
     }

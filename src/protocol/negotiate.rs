@@ -612,6 +612,14 @@ impl RxNegotiation {
     /// Answers with the verdict; returns the reply to send and, when the
     /// sender is accepted, what was agreed (None otherwise).
     pub fn decide(&mut self, verdict: Verdict) -> (Vec<u8>, Option<Agreed>) {
+        let receiver = self.receiver;
+        self.decide_as(verdict, receiver)
+    }
+
+    /// [`RxNegotiation::decide`] for a relay, whose verdict names the
+    /// receiver its next hop reached: the sender checks that every
+    /// connection reaches the same one, through whichever relay.
+    pub fn decide_as(&mut self, verdict: Verdict, receiver: [u8; 8]) -> (Vec<u8>, Option<Agreed>) {
         let RxState::Deciding { hello, transcript } =
             std::mem::replace(&mut self.state, RxState::Done)
         else {
@@ -653,7 +661,7 @@ impl RxNegotiation {
             ),
             Verdict::Reject(reason, msg) => Reply::reject(*reason, msg.clone()),
         };
-        reply.receiver = self.receiver;
+        reply.receiver = receiver;
         let mut b = Vec::new();
         let mut nonces = None;
         if let Some((hello_bytes, challenge, proof)) = &transcript {
@@ -674,7 +682,7 @@ impl RxNegotiation {
         }
         let agreed = matches!(verdict, Verdict::Accept { .. }).then(|| Agreed {
             delivered: reply.delivered,
-            receiver: self.receiver,
+            receiver,
             nonces,
             encrypt,
             checksums,

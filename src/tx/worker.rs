@@ -14,7 +14,7 @@ use crate::error::{shown, Error};
 use crate::pool::Shared as Bytes;
 use crate::protocol::handshake::HandshakeError;
 use crate::protocol::negotiate::{Offer, Terms, TxNegotiation, TxStep};
-use crate::protocol::{Header, Kind, FLAG_COMPRESSED};
+use crate::protocol::{Header, Kind, Reason, FLAG_COMPRESSED};
 use crate::stats::{Link, LinkState};
 use crate::wire::{FrameReader, FrameWriter};
 use crate::{net, wire};
@@ -250,7 +250,9 @@ fn handshake(
             }
             TxStep::Refused(r) => {
                 let msg = format!("{dest}: refused the connection: {}", shown(&r.message));
-                return Err(match r.proven {
+                // A relay that cannot reach its next hop says so, proven,
+                // and the stream goes on elsewhere or later.
+                return Err(match r.proven && r.reason != Reason::Unavailable {
                     true => OpenError::Fatal(Error::Peer(msg)),
                     false => OpenError::Refused(msg),
                 });
