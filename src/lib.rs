@@ -29,6 +29,7 @@ pub mod net;
 pub mod pool;
 pub mod prbs;
 pub mod protocol;
+pub mod relay;
 pub mod reorder;
 pub mod report;
 pub mod rx;

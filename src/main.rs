@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Some("ssh") => return ssh::main(&args[2..]),
         Some(ssh::SERVE) => return ssh::serve_main(&args[2..]),
         Some("ctl") => return ctl(&args[2..]),
+        Some("relay") => return relay(&args),
         _ => {}
     }
     let mut config = match cli::parse(args) {
@@ -68,6 +69,26 @@ fn finish(config: &Config, result: viamillipede::error::Result<Summary>) -> Exit
     }
 }
 
+const RELAY_HELP: &str = "\
+Usage: viamillipede relay PORT [OPTIONS] tx HOST PORT [tx HOST PORT ...] [OPTIONS]
+
+Takes a sender's connections on PORT and carries each one on to the next
+hop (a receiver, or another relay), frame by frame, without putting feet in
+order: a foot is acknowledged to the sender only once the next hop has it,
+and the sender exits 0 only once the last receiver wrote every byte.
+
+Options before the first tx are the listening side's, as rx takes them
+(--key-file of the hop from the sender, --bind, --control, verbose N);
+options after it are the next hop's, as tx takes them (--key-file,
+--encrypt, checksums, threads N: the connections each destination takes
+before the next one, in rank order, gets more). Each hop has its own key.
+
+  viamillipede relay 8834 --key-file outer.key tx inner.example 8834 --key-file inner.key
+  viamillipede tx bastion 8834 --key-file outer.key tx bastion2 8834 --key-file outer.key
+
+Runs until SIGINT or SIGTERM (or ctl PATH stop), then exits 130 or 143.
+";
+
 const CTL_HELP: &str = "\
 Usage: viamillipede ctl PATH COMMAND
 
@@ -90,6 +111,47 @@ add, drain, undrain, threads and rate are the sender's. Exit status: 0 done
 (status: healthy), 1 refused or degraded (the reason on stderr), 2 for a
 bad command line or a socket that does not answer.
 ";
+
+/// `viamillipede relay PORT ... tx HOST PORT ...`: the two sides' words
+/// parsed as rx's and tx's, then relayed until stopped.
+fn relay(args: &[std::ffi::OsString]) -> ExitCode {
+    let words = &args[2..];
+    if words.is_empty() || words.iter().any(|a| a == "--help" || a == "-h") {
+        let _ = std::io::stdout().write_all(RELAY_HELP.as_bytes());
+        return ExitCode::from(if words.is_empty() { 2 } else { 0 });
+    }
+    let Some(at) = words.iter().position(|w| w == "tx") else {
+        return fail(&Error::Usage(
+            "relay: give the next hop: relay PORT tx HOST PORT".into(),
+        ));
+    };
+    let side = |mode: &str, words: &[std::ffi::OsString]| -> Result<Config, Error> {
+        let mut argv = vec![args[0].clone(), mode.into()];
+        argv.extend_from_slice(words);
+        match cli::parse(argv)? {
+            Parsed::Run(c) => Ok(*c),
+            Parsed::Print(_) => Err(Error::Usage(format!(
+                "relay: the {mode} side asks to print something: see viamillipede relay --help"
+            ))),
+        }
+    };
+    let (mut up, down) = match (side("rx", &words[..at]), side("tx", &words[at + 1..])) {
+        (Ok(up), Ok(down)) => (up, down),
+        (Err(e), _) | (_, Err(e)) => return fail(&e),
+    };
+    init_logging(up.log_level().max(down.log_level()), "viamillipede");
+    for w in up.warnings.iter().chain(&down.warnings) {
+        log::warn!("{w}");
+    }
+    let result = signals::install(&mut up).and_then(|_installed| {
+        let relay = std::sync::Arc::new(viamillipede::relay::Relay::new(up, down)?);
+        relay.run()
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
 
 /// `viamillipede ctl PATH COMMAND...`: one request to a control socket.
 fn ctl(args: &[std::ffi::OsString]) -> ExitCode {

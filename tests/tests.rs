@@ -12,6 +12,7 @@ mod hostile;
 mod keywords;
 mod library;
 mod observe;
+mod relay;
 mod reverse;
 mod security;
 mod sockets;
