@@ -185,6 +185,8 @@ struct Inner {
     stopped: Option<(String, i32)>,
     /// Whether any side ever attached.
     ever: bool,
+    /// What the sides that ended did, for the stats document.
+    ended: Vec<crate::report::Side>,
 }
 
 /// The controls of whatever runs in this process: cheap to clone, shared
@@ -286,6 +288,16 @@ impl Controls {
             (true, false) => Stopped::Early,
             (true, true) => Stopped::Over,
         }
+    }
+
+    /// Keeps what a side did as it ends (see [`crate::report::record`]).
+    pub fn record(&self, side: crate::report::Side) {
+        self.lock().ended.push(side);
+    }
+
+    /// What the sides that ended did, in the order they ended.
+    pub fn ended(&self) -> Vec<crate::report::Side> {
+        self.lock().ended.clone()
     }
 
     /// Every running side's report.

@@ -50,7 +50,12 @@ fn finish(config: &Config, result: viamillipede::error::Result<Summary>) -> Exit
             Ok(_) => (0, None),
             Err(e) => (e.exit_code(), Some(e.to_string())),
         };
-        if let Err(e) = viamillipede::report::write(path, code, error) {
+        let sides = config
+            .controls
+            .as_ref()
+            .map(|c| c.ended())
+            .unwrap_or_default();
+        if let Err(e) = viamillipede::report::write(path, &sides, code, error) {
             log::error!("write {}: {e}", path.display());
         }
     }

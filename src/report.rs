@@ -21,7 +21,6 @@
 use crate::stats::Link;
 use serde::Serialize;
 use std::path::Path;
-use std::sync::Mutex;
 
 /// The schema name and version written in every document.
 pub const SCHEMA: &str = "viamillipede-stats/1";
@@ -85,22 +84,27 @@ struct Document<'a> {
     sides: &'a [Side],
 }
 
-static SIDES: Mutex<Vec<Side>> = Mutex::new(Vec::new());
-
-/// Records what a side did (called once by each side as it ends).
-pub fn record(side: Side) {
-    SIDES.lock().unwrap_or_else(|p| p.into_inner()).push(side);
+/// Records what a side did (called once by each side as it ends) with the
+/// run's controls, for the binary's stats document; nothing without them.
+pub fn record(controls: Option<&crate::control::Controls>, side: Side) {
+    if let Some(c) = controls {
+        c.record(side);
+    }
 }
 
-/// Writes the document for the sides recorded so far.
-pub fn write(path: &Path, exit_code: u8, error: Option<String>) -> std::io::Result<()> {
-    let sides = SIDES.lock().unwrap_or_else(|p| p.into_inner()).clone();
+/// Writes the document for `sides`.
+pub fn write(
+    path: &Path,
+    sides: &[Side],
+    exit_code: u8,
+    error: Option<String>,
+) -> std::io::Result<()> {
     let doc = Document {
         schema: SCHEMA,
         exit_code,
         status: if exit_code == 0 { "ok" } else { "failed" },
         error,
-        sides: &sides,
+        sides,
     };
     let mut text = serde_json::to_string_pretty(&doc).map_err(std::io::Error::other)?;
     text.push('\n');

@@ -479,17 +479,20 @@ fn record_side(state: &State, throughput: Vec<u64>) {
         .collect();
     let mut connections = state.closed_links();
     connections.extend(live);
-    report::record(report::Side {
-        role: "rx",
-        payload_bytes: state.written.load(Ordering::Relaxed),
-        wire_bytes: connections.iter().map(|c| c.wire_bytes).sum(),
-        seconds: state.clock.elapsed().as_secs_f64(),
-        feet: connections.iter().map(|c| c.feet).sum(),
-        retransmits: 0,
-        reconnects: 0,
-        throughput,
-        connections,
-    });
+    report::record(
+        state.config.controls.as_ref(),
+        report::Side {
+            role: "rx",
+            payload_bytes: state.written.load(Ordering::Relaxed),
+            wire_bytes: connections.iter().map(|c| c.wire_bytes).sum(),
+            seconds: state.clock.elapsed().as_secs_f64(),
+            feet: connections.iter().map(|c| c.feet).sum(),
+            retransmits: 0,
+            reconnects: 0,
+            throughput,
+            connections,
+        },
+    );
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<()> {

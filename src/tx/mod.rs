@@ -410,20 +410,23 @@ pub fn send(
     let links = links.all();
     // Kept for the stats document only: a library's senders leave none.
     if config.stats_json.is_some() {
-        report::record(report::Side {
-            role: "tx",
-            payload_bytes: sent,
-            wire_bytes: links.iter().map(|l| l.wire_bytes()).sum(),
-            seconds: clock.elapsed().as_secs_f64(),
-            feet: links.iter().map(|l| l.feet()).sum(),
-            retransmits: window.snapshot().retransmits,
-            reconnects: links.iter().map(|l| l.reconnects()).sum(),
-            throughput,
-            connections: links
-                .iter()
-                .map(|l| report::Connection::from(&**l))
-                .collect(),
-        });
+        report::record(
+            config.controls.as_ref(),
+            report::Side {
+                role: "tx",
+                payload_bytes: sent,
+                wire_bytes: links.iter().map(|l| l.wire_bytes()).sum(),
+                seconds: clock.elapsed().as_secs_f64(),
+                feet: links.iter().map(|l| l.feet()).sum(),
+                retransmits: window.snapshot().retransmits,
+                reconnects: links.iter().map(|l| l.reconnects()).sum(),
+                throughput,
+                connections: links
+                    .iter()
+                    .map(|l| report::Connection::from(&**l))
+                    .collect(),
+            },
+        );
     }
     if config.verbose >= 2 {
         log::debug!(
