@@ -460,9 +460,7 @@ fn accept(listener: &UnixListener, controls: &Controls, closed: &AtomicBool) {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
-        let allowed = rustix::net::sockopt::socket_peercred(&stream)
-            .is_ok_and(|c| c.uid == me || c.uid.is_root());
-        if !allowed {
+        if !allowed(&stream, me) {
             log::info!("control: a client of another user was turned away");
             continue;
         }
@@ -474,17 +472,41 @@ fn accept(listener: &UnixListener, controls: &Controls, closed: &AtomicBool) {
             );
             continue;
         }
-        let (controls, busy) = (controls.clone(), Arc::clone(&busy));
+        // Given back however the client ends (a panic included), or if
+        // its thread never starts.
+        let place = Place(Arc::clone(&busy));
+        let controls = controls.clone();
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
+                let _place = place;
                 serve_client(&stream, &controls);
-                busy.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {
             log::warn!("control: could not start a thread for a client");
         }
     }
+}
+
+/// A client's place among the [`MAX_CLIENTS`].
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether the client is this process's user, or root.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn allowed(stream: &UnixStream, me: rustix::process::Uid) -> bool {
+    rustix::net::sockopt::socket_peercred(stream).is_ok_and(|c| c.uid == me || c.uid.is_root())
+}
+
+/// Elsewhere the socket's mode (600) is the only gate.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn allowed(_: &UnixStream, _: rustix::process::Uid) -> bool {
+    true
 }
 
 fn serve_client(stream: &UnixStream, controls: &Controls) {

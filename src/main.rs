@@ -145,7 +145,14 @@ fn relay(args: &[std::ffi::OsString]) -> ExitCode {
         (Err(e), _) | (_, Err(e)) => return fail(&e),
     };
     init_logging(up.log_level().max(down.log_level()), "viamillipede");
-    for w in up.warnings.iter().chain(&down.warnings) {
+    for w in up
+        .warnings
+        .iter()
+        .chain(&down.warnings)
+        .cloned()
+        .chain(cli::ignored_warning(&up.ignored))
+        .chain(cli::ignored_warning(&down.ignored))
+    {
         log::warn!("{w}");
     }
     let result = signals::install(&mut up).and_then(|_installed| {

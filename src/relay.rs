@@ -28,7 +28,7 @@ use crate::control::{Command, Running};
 use crate::crypto::{self, Opener, Sealer, PROOF_LEN};
 use crate::error::{shown, Error, Result};
 use crate::pool::Buffer;
-use crate::protocol::handshake::{Hello, FLAG_UDP};
+use crate::protocol::handshake::{Hello, FLAG_CHECKSUMS, FLAG_ENCRYPT, FLAG_UDP};
 use crate::protocol::negotiate::{
     name_of, Agreed, Offer, RxNegotiation, RxStep, Terms, TxNegotiation, TxStep, Verdict,
 };
@@ -38,7 +38,7 @@ use crate::{net, wire};
 use serde_json::{json, Value};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,43 @@ pub struct Relay {
     trouble: Mutex<Option<(Instant, String)>>,
     relayed: AtomicU64,
     refused: AtomicU64,
+    /// Connections accepted and not yet ended, handshakes included.
+    slots: AtomicUsize,
+    /// Bytes of foot buffers reserved by the pairs.
+    memory: AtomicU64,
+    /// Dials in progress per rank, counted with the pairs in [`Relay::order`].
+    dialing: Mutex<Vec<usize>>,
+    /// When each rank last failed to take a connection.
+    failed: Mutex<Vec<Option<Instant>>>,
+    /// Local addresses of dials in progress: a connection from one of them
+    /// is this relay reaching itself.
+    own: Mutex<Vec<SocketAddr>>,
+}
+
+/// What the pairs' foot buffers may take together.
+pub const MEMORY: u64 = crate::config::DEFAULT_MAX_MEMORY;
+
+/// A rank that failed this recently is tried after the others.
+const FAILED_FOR: Duration = Duration::from_secs(30);
+
+/// The longest a connect to a next hop may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What is kept back of the sender's handshake time for the answer to
+/// reach it.
+const MARGIN: Duration = Duration::from_secs(1);
+
+/// Gives back a slot (and memory) when a connection ends.
+struct Held<'a> {
+    relay: &'a Relay,
+    memory: u64,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.relay.slots.fetch_sub(1, Ordering::AcqRel);
+        self.relay.memory.fetch_sub(self.memory, Ordering::AcqRel);
+    }
 }
 
 /// One connection carried through.
@@ -86,7 +123,7 @@ impl Relay {
     /// A relay from the listening side's configuration (`Mode::Rx`) to the
     /// next hop's (`Mode::Tx`).
     pub fn new(up: Config, down: Config) -> Result<Relay> {
-        let Mode::Tx { destinations } = &down.mode else {
+        let Mode::Tx { destinations } = down.mode.clone() else {
             return Err(Error::Usage(
                 "relay: give the next hop as tx HOST PORT [tx HOST PORT ...]".into(),
             ));
@@ -94,6 +131,16 @@ impl Relay {
         if !matches!(up.mode, Mode::Rx { .. }) {
             return Err(Error::Usage(
                 "relay: give the port to listen on first: relay PORT tx HOST PORT".into(),
+            ));
+        }
+        if up.key.is_some() != down.key.is_some() {
+            return Err(Error::Usage(
+                "relay: give both hops a key (--key-file before and after tx) or neither: a keyed sender would otherwise trust what an unkeyed hop says".into(),
+            ));
+        }
+        if up.exec.is_some() {
+            return Err(Error::Usage(
+                "relay: --exec is a receiver's: a relay carries streams on".into(),
             ));
         }
         if down.udp {
@@ -104,7 +151,6 @@ impl Relay {
         let mut id = [0u8; 8];
         id.copy_from_slice(&crypto::nonce()?[..8]);
         Ok(Relay {
-            destinations: destinations.clone(),
             up,
             down,
             id,
@@ -116,6 +162,12 @@ impl Relay {
             trouble: Mutex::default(),
             relayed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            slots: AtomicUsize::new(0),
+            memory: AtomicU64::new(0),
+            dialing: Mutex::new(vec![0; destinations.len()]),
+            failed: Mutex::new(vec![None; destinations.len()]),
+            own: Mutex::default(),
+            destinations,
         })
     }
 
@@ -151,7 +203,8 @@ impl Relay {
             &listener,
             || !self.stopping.load(Ordering::Acquire),
             |stream, peer| {
-                if self.pairs().len() >= MAX_PAIRS {
+                if self.slots.fetch_add(1, Ordering::AcqRel) >= MAX_PAIRS {
+                    self.slots.fetch_sub(1, Ordering::AcqRel);
                     log::warn!("{peer}: refused: {MAX_PAIRS} connections are relayed already");
                     net::abortive_close(&stream);
                     return true;
@@ -163,6 +216,7 @@ impl Relay {
                     .spawn(move || relay.carry(stream, peer, pass));
                 if let Err(e) = spawned {
                     log::warn!("{peer}: no thread for the connection: {e}");
+                    self.slots.fetch_sub(1, Ordering::AcqRel);
                 }
                 true
             },
@@ -177,9 +231,11 @@ impl Relay {
 
     /// Serves one upstream connection to its end.
     fn carry(&self, mut up: TcpStream, peer: SocketAddr, pass: net::Pass) {
-        let opened = self.open(&mut up, peer);
-        drop(pass);
-        let Some(opened) = opened else {
+        let mut held = Held {
+            relay: self,
+            memory: 0,
+        };
+        let Some(opened) = self.open(&mut up, peer, pass, &mut held) else {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -190,6 +246,11 @@ impl Relay {
             up_agreed,
             down_agreed,
         } = opened;
+        // Whatever ends this pair but a clean close on one side (a fault,
+        // a stop, this process killed) reaches both peers as a reset, never
+        // as a close a receiver could take for the sender's.
+        net::abortive_close(&up);
+        net::abortive_close(&down);
         let id = self.next_pair.fetch_add(1, Ordering::Relaxed);
         let (feet, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         self.pairs().push(Pair {
@@ -208,41 +269,54 @@ impl Relay {
         let (down_sealer, down_opener) = down_channel.unzip();
         let ends = (&up, &down);
         let counters = (&*feet, &*bytes);
+        let broken = AtomicBool::new(false);
+        let broken = &broken;
         let outcome = std::thread::scope(|s| {
             let back = s.spawn(move || {
-                let reader = FrameReader::new(ends.1, down_opener, hello.foot_size)
+                let reader = FrameReader::new(Counting::new(ends.1), down_opener, hello.foot_size)
                     .with_checksums(down_agreed.checksums);
                 let writer = FrameWriter::new(ends.0, up_sealer);
-                answers(reader, writer)
+                let back = answers(reader, writer, broken);
+                end(&back, ends.1, ends.0, broken);
+                back
             });
-            let reader = FrameReader::new(ends.0, up_opener, hello.foot_size)
+            let reader = FrameReader::new(Counting::new(ends.0), up_opener, hello.foot_size)
                 .with_checksums(up_agreed.checksums);
             let writer =
                 FrameWriter::new(ends.1, down_sealer).with_checksums(down_agreed.checksums);
-            let forth = feet_on(reader, writer, counters);
-            end(&forth, ends.0, ends.1);
+            let forth = feet_on(reader, writer, counters, broken);
+            if forth.is_ok() {
+                // The sender closed: what the next hop still says must
+                // come within the write timeout's time, or not at all.
+                let _ = ends.1.set_read_timeout(Some(WRITE_TIMEOUT));
+            }
+            end(&forth, ends.0, ends.1, broken);
             let back = back
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("panicked")));
-            end(&back, ends.1, ends.0);
             (forth, back)
         });
         match outcome {
             (Err(e), _) | (_, Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
                 log::warn!("{peer}: protocol violation, connection dropped: {e}");
-                net::abortive_close(&up);
-                net::abortive_close(&down);
             }
             (Err(e), _) | (_, Err(e)) => log::info!("{peer}: connection lost: {e}"),
             _ => log::debug!("{peer}: closed"),
         }
         self.pairs().retain(|p| p.id != id);
+        drop(held);
     }
 
     /// The handshake upstream, then one downstream on its terms; None when
     /// the connection is not carried (the reason is logged, and told
     /// upstream where it is worth it).
-    fn open(&self, up: &mut TcpStream, peer: SocketAddr) -> Option<Opened> {
+    fn open(
+        &self,
+        up: &mut TcpStream,
+        peer: SocketAddr,
+        pass: net::Pass,
+        held: &mut Held<'_>,
+    ) -> Option<Opened> {
         let limit = self.up.handshake_timeout;
         up.set_write_timeout(Some(limit)).ok()?;
         let deadline = Instant::now() + limit;
@@ -269,6 +343,9 @@ impl Relay {
                 Err(e) => RxStep::Drop(format!("the sender did not prove the key: {e}")),
             };
         }
+        // Past the handshake's first part (with a key: proven), a sender
+        // gives up its place at the gate to those still in theirs.
+        drop(pass);
         let hello = match step {
             RxStep::Decide(hello) => hello,
             RxStep::Refuse(bytes, why) => {
@@ -284,10 +361,14 @@ impl Relay {
             RxStep::Challenge(_) => unreachable!("one challenge per handshake"),
         };
         // The sender is who it says (with a key): only now is anything
-        // dialed on its behalf.
-        let (verdict, receiver, down) = match check(&hello) {
-            Err(why) => (Verdict::Reject(Reason::Parameters, why), self.id, None),
-            Ok(()) => match self.onward(&hello) {
+        // dialed on its behalf, within what is left of its time.
+        let until = deadline.checked_sub(MARGIN).unwrap_or(deadline);
+        let (verdict, receiver, down) = match self.admit(&hello, peer, held) {
+            Err((reason, why)) => {
+                log::warn!("{peer}: refused: {why}");
+                (Verdict::Reject(reason, why), self.id, None)
+            }
+            Ok(()) => match self.onward(&hello, until) {
                 Onward::Accepted(down, rank, agreed) => {
                     let verdict = Verdict::Accept {
                         delivered: agreed.delivered,
@@ -320,30 +401,89 @@ impl Relay {
         })
     }
 
-    /// Which destination the next connection goes to: the first, in rank
-    /// order, with fewer than `threads` connections; the least loaded
-    /// when all are full.
+    /// Whether the relay carries `hello`'s connection: its terms, a loop
+    /// back to this relay, and the memory its feet take.
+    fn admit(
+        &self,
+        hello: &Hello,
+        peer: SocketAddr,
+        held: &mut Held<'_>,
+    ) -> std::result::Result<(), (Reason, String)> {
+        check(hello).map_err(|why| (Reason::Parameters, why))?;
+        if self.lock_own().contains(&peer) {
+            return Err((
+                Reason::Parameters,
+                "relay loop: this relay's next hop leads back to itself".into(),
+            ));
+        }
+        // A foot read from the sender, and its sealed copy for the next hop.
+        let need = u64::from(hello.foot_size) * if self.down.encrypt { 2 } else { 1 };
+        if self.memory.fetch_add(need, Ordering::AcqRel) + need > MEMORY {
+            self.memory.fetch_sub(need, Ordering::AcqRel);
+            return Err((
+                Reason::Unavailable,
+                format!(
+                    "relay: its feet would take more than {} of memory: try again later or elsewhere",
+                    crate::stats::human_bytes(MEMORY)
+                ),
+            ));
+        }
+        held.memory = need;
+        Ok(())
+    }
+
+    fn lock_own(&self) -> MutexGuard<'_, Vec<SocketAddr>> {
+        self.own.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The ranks in the order the next connection tries them: those that
+    /// did not fail lately first, then those with fewer than `threads`
+    /// connections (dials in progress counted), then by load and rank.
     fn order(&self) -> Vec<usize> {
         let pairs = self.pairs();
-        let load = |r: usize| pairs.iter().filter(|p| p.rank == r).count();
+        let dialing = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let load = |r: usize| pairs.iter().filter(|p| p.rank == r).count() + dialing[r];
         let threads = usize::from(self.down.threads.max(1));
+        let lately = |r: usize| failed[r].is_some_and(|at| at.elapsed() < FAILED_FOR);
         let mut ranks: Vec<usize> = (0..self.destinations.len()).collect();
-        ranks.sort_by_key(|&r| (load(r) >= threads, load(r) / threads, r));
+        ranks.sort_by_key(|&r| (lately(r), load(r) >= threads, load(r) / threads, r));
         ranks
     }
 
+    fn count_dial(&self, rank: usize, by: isize) {
+        let mut d = self.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        d[rank] = d[rank].saturating_add_signed(by);
+    }
+
     /// Dials the next hop for `hello` and shakes hands on the sender's
-    /// behalf.
-    fn onward(&self, hello: &Hello) -> Onward {
+    /// behalf, by `until`.
+    fn onward(&self, hello: &Hello, until: Instant) -> Onward {
         let mut failures = Vec::new();
-        for rank in self.order() {
+        let order = self.order();
+        for (i, &rank) in order.iter().enumerate() {
             let dest = &self.destinations[rank];
-            match self.dial(dest, hello) {
+            let now = Instant::now();
+            if now >= until {
+                failures.push(format!("{dest}: not tried, out of time"));
+                continue;
+            }
+            // A silent hop may take only its share of what is left, so
+            // the ones after it are still tried in the sender's time.
+            let share = until.saturating_duration_since(now) / (order.len() - i) as u32;
+            self.count_dial(rank, 1);
+            let outcome = self.dial(dest, hello, now + share);
+            self.count_dial(rank, -1);
+            match outcome {
                 Ok(Onward::Refused(Reason::Unavailable, why)) => failures.push(why),
-                Ok(Onward::Accepted(s, _, agreed)) => return Onward::Accepted(s, rank, agreed),
+                Ok(Onward::Accepted(s, _, agreed)) => {
+                    self.failed.lock().unwrap_or_else(|p| p.into_inner())[rank] = None;
+                    return Onward::Accepted(s, rank, agreed);
+                }
                 Ok(other) => return other,
                 Err(e) => failures.push(format!("{dest}: {e}")),
             }
+            self.failed.lock().unwrap_or_else(|p| p.into_inner())[rank] = Some(Instant::now());
         }
         let why = format!(
             "relay: no next hop took the connection: {}",
@@ -354,17 +494,42 @@ impl Relay {
         Onward::Refused(Reason::Unavailable, why)
     }
 
-    fn dial(&self, dest: &Destination, hello: &Hello) -> io::Result<Onward> {
+    fn dial(&self, dest: &Destination, hello: &Hello, until: Instant) -> io::Result<Onward> {
         let c = &self.down;
-        let deadline = Instant::now() + c.handshake_timeout;
-        let mut stream = net::connect(dest, c.handshake_timeout, &c.socket)?;
-        net::tune(&stream, &c.socket)?;
-        stream.set_write_timeout(Some(c.handshake_timeout))?;
+        let left = until.saturating_duration_since(Instant::now());
+        let mut stream = net::connect(dest, CONNECT_TIMEOUT.min(left), &c.socket)?;
+        let local = stream.local_addr()?;
+        self.lock_own().push(local);
+        let outcome = self.shake(&mut stream, dest, hello, until);
+        self.lock_own().retain(|a| *a != local);
+        Ok(match outcome? {
+            Shaken::Accepted(agreed) => Onward::Accepted(stream, 0, agreed),
+            Shaken::Complete(bytes) => Onward::Complete(bytes),
+            Shaken::Refused(reason, why) => Onward::Refused(reason, why),
+        })
+    }
+
+    /// The handshake with the next hop, as the sender's stand-in: what the
+    /// sender asked for goes on, with what this hop asks.
+    fn shake(
+        &self,
+        stream: &mut TcpStream,
+        dest: &Destination,
+        hello: &Hello,
+        until: Instant,
+    ) -> io::Result<Shaken> {
+        let c = &self.down;
+        net::tune(stream, &c.socket)?;
+        stream.set_write_timeout(Some(
+            until
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))?;
+        let asked = |flag: u16| hello.flags & flag != 0;
         let offer = Offer {
             terms: Terms {
-                // What the sender asked for goes on, with what this hop asks.
-                checksums: c.checksums
-                    || hello.flags & crate::protocol::handshake::FLAG_CHECKSUMS != 0,
+                checksums: c.checksums || asked(FLAG_CHECKSUMS),
+                encrypt: c.encrypt || asked(FLAG_ENCRYPT),
                 ..terms(c)
             },
             session: hello.session,
@@ -377,19 +542,16 @@ impl Relay {
         let (mut negotiation, first) = TxNegotiation::new(&offer, nonce);
         stream.write_all(&first)?;
         loop {
-            let mut input = net::Deadline {
-                stream: &stream,
-                until: deadline,
-            };
+            let mut input = net::Deadline { stream, until };
             let (_, answer) = wire::read_reply_bytes(&mut input).map_err(io::Error::other)?;
             match negotiation.on_reply(&answer) {
                 TxStep::Send(proof) => stream.write_all(&proof)?,
-                TxStep::Accepted(agreed) => return Ok(Onward::Accepted(stream, 0, agreed)),
+                TxStep::Accepted(agreed) => return Ok(Shaken::Accepted(agreed)),
                 TxStep::Complete { bytes, proven } if proven || c.key.is_none() => {
-                    return Ok(Onward::Complete(bytes))
+                    return Ok(Shaken::Complete(bytes))
                 }
                 TxStep::Complete { .. } => {
-                    return Ok(Onward::Refused(
+                    return Ok(Shaken::Refused(
                         Reason::Unavailable,
                         format!(
                             "{dest}: a peer that did not prove the key says the stream is complete"
@@ -399,10 +561,10 @@ impl Relay {
                 // The last receiver proved the key and refused: the sender
                 // hears it as it would from that receiver.
                 TxStep::Refused(r) if r.proven && r.reason != Reason::Unavailable => {
-                    return Ok(Onward::Refused(r.reason, format!("{dest}: {}", r.message)))
+                    return Ok(Shaken::Refused(r.reason, format!("{dest}: {}", r.message)))
                 }
                 TxStep::Refused(r) => {
-                    return Ok(Onward::Refused(
+                    return Ok(Shaken::Refused(
                         Reason::Unavailable,
                         format!("{dest}: {}", r.message),
                     ))
@@ -436,6 +598,13 @@ struct Opened {
     hello: Hello,
     up_agreed: Agreed,
     down_agreed: Agreed,
+}
+
+/// How the handshake with a next hop ended.
+enum Shaken {
+    Accepted(Agreed),
+    Complete(u64),
+    Refused(Reason, String),
 }
 
 enum Onward {
@@ -485,23 +654,66 @@ fn channel(c: &Config, agreed: &Agreed, tx_side: bool) -> Option<(Sealer, Opener
     }
 }
 
-/// The end of a header read where a frame would start: the peer closed.
-fn closed(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::UnexpectedEof
+/// Counts what is read, so that an end of input can be told apart: at a
+/// frame's start (the peer closed) or within one (cut off).
+struct Counting<'a> {
+    stream: &'a TcpStream,
+    read: u64,
+}
+
+impl<'a> Counting<'a> {
+    fn new(stream: &'a TcpStream) -> Counting<'a> {
+        Counting { stream, read: 0 }
+    }
+}
+
+impl Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.stream;
+        let n = s.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// The next header, or None where the peer closed cleanly: at a frame's
+/// start, and not because the other direction broke (which shuts this
+/// one's reading down).
+fn next_header(
+    reader: &mut FrameReader<Counting<'_>>,
+    broken: &AtomicBool,
+) -> io::Result<Option<crate::protocol::Header>> {
+    let before = reader.get_mut().read;
+    match reader.header() {
+        Ok(h) => Ok(Some(h)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            if broken.load(Ordering::Acquire) {
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the other side failed",
+                ))
+            } else if reader.get_mut().read == before {
+                Ok(None)
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "cut off within a frame",
+                ))
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The sender's frames, on to the next hop. Ok at the sender's clean end.
 fn feet_on(
-    mut reader: FrameReader<&TcpStream>,
+    mut reader: FrameReader<Counting<'_>>,
     mut writer: FrameWriter<&TcpStream>,
     (feet, bytes): (&AtomicU64, &AtomicU64),
+    broken: &AtomicBool,
 ) -> io::Result<()> {
     let mut buf = Buffer::default();
-    loop {
-        let h = match reader.header() {
-            Err(e) if closed(&e) => return Ok(()),
-            other => other?,
-        };
+    while let Some(h) = next_header(&mut reader, broken)? {
         match h.kind {
             Kind::Foot => {
                 reader.payload(&h, &mut buf)?;
@@ -521,18 +733,16 @@ fn feet_on(
             }
         }
     }
+    Ok(())
 }
 
 /// The next hop's answers, back to the sender. Ok at the hop's clean end.
 fn answers(
-    mut reader: FrameReader<&TcpStream>,
+    mut reader: FrameReader<Counting<'_>>,
     mut writer: FrameWriter<&TcpStream>,
+    broken: &AtomicBool,
 ) -> io::Result<()> {
-    loop {
-        let h = match reader.header() {
-            Err(e) if closed(&e) => return Ok(()),
-            other => other?,
-        };
+    while let Some(h) = next_header(&mut reader, broken)? {
         match h.kind {
             Kind::Ack | Kind::Window | Kind::Done | Kind::Abort | Kind::Progress => {
                 let payload = reader.small_payload(&h)?;
@@ -546,18 +756,23 @@ fn answers(
             }
         }
     }
+    Ok(())
 }
 
-/// One direction ended: a clean end goes on as a clean end (the other
-/// direction may still carry the last answers); a failure ends both.
-fn end(outcome: &io::Result<()>, from: &TcpStream, to: &TcpStream) {
+/// One direction ended, reading `from` and writing `to`. A clean end goes
+/// on as a clean end: the other direction may still carry the last
+/// answers. A failure ends both without a clean close: reading is shut
+/// down (which wakes the other direction's reader, told it is broken), and
+/// both sockets reset when they are closed.
+fn end(outcome: &io::Result<()>, from: &TcpStream, to: &TcpStream, broken: &AtomicBool) {
     match outcome {
         Ok(()) => {
             let _ = to.shutdown(Shutdown::Write);
         }
         Err(_) => {
-            let _ = from.shutdown(Shutdown::Both);
-            let _ = to.shutdown(Shutdown::Both);
+            broken.store(true, Ordering::Release);
+            let _ = from.shutdown(Shutdown::Read);
+            let _ = to.shutdown(Shutdown::Read);
         }
     }
 }

@@ -89,8 +89,9 @@ fn a_wrong_key_upstream_is_refused_before_anything_is_dialed() {
         key_file("relay-good.key", 21),
         key_file("relay-bad.key", 22),
     );
-    let (mut r, port) = rx(&[]);
-    let (mut hop, hop_port) = relay(&["--key-file", good.to_str().unwrap()], &[port], &[]);
+    let good = good.to_str().unwrap();
+    let (mut r, port) = rx(&["--key-file", good]);
+    let (mut hop, hop_port) = relay(&["--key-file", good], &[port], &["--key-file", good]);
     let p = hop_port.to_string();
     let mut t = tx(
         &["tx", "127.0.0.1", &p, "--key-file", bad.to_str().unwrap()],
@@ -121,6 +122,23 @@ fn a_next_hop_that_does_not_answer_is_a_clear_error_for_the_sender() {
     let status = t.wait(DEADLINE);
     assert_eq!(status.code(), Some(1), "{}", t.stderr());
     t.expect_stderr("no next hop took the connection");
+}
+
+#[test]
+fn a_silent_first_next_hop_is_passed_over_for_the_second() {
+    // Takes connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let input = data(6 * FOOT + 9, 108);
+    let (mut r, port) = rx(&[]);
+    let (_hop, hop_port) = relay(&[], &[silent_port, port], &["threads", "2"]);
+    let p = hop_port.to_string();
+    let mut t = tx(
+        &["tx", "127.0.0.1", &p, "threads", "2"],
+        Arc::new(input.clone()),
+    );
+    expect_delivered(&mut t, &mut r, &input, "past a silent next hop");
+    drop(silent);
 }
 
 #[test]
@@ -224,12 +242,20 @@ fn a_relay_answers_status_and_refuses_what_it_cannot_do() {
 
 #[test]
 fn relay_command_line_mistakes_are_clear() {
+    let key = key_file("relay-one-side.key", 23)
+        .to_str()
+        .unwrap()
+        .to_string();
     for (words, needle) in [
         (&["relay", "0"][..], "give the next hop"),
         (&["relay", "0", "tx"][..], "tx"),
         (
             &["relay", "0", "tx", "127.0.0.1", "1", "--udp"][..],
             "--udp",
+        ),
+        (
+            &["relay", "0", "--key-file", &key, "tx", "127.0.0.1", "1"][..],
+            "both hops a key",
         ),
     ] {
         let (mut p, _) = Proc::spawn("relay", words, Out::Collect);

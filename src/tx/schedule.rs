@@ -526,6 +526,11 @@ impl Schedule {
         !s.enabled && s.connected && s.inflight.is_empty()
     }
 
+    /// The workers [`Schedule::retired`] would let go now.
+    pub fn retired_slots(&self) -> Vec<usize> {
+        (0..self.slots.len()).filter(|&w| self.retired(w)).collect()
+    }
+
     /// Connections in use per rank (all of them without `threads auto`).
     pub fn counts(&self) -> Vec<usize> {
         (0..self.ranks)
