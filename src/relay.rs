@@ -271,17 +271,31 @@ impl Relay {
         let counters = (&*feet, &*bytes);
         let broken = AtomicBool::new(false);
         let broken = &broken;
+        // Signs of life for the sender, as a receiver gives them: what has
+        // arrived here from it plus what the next hop says has arrived
+        // there. Either hop moving shows; both standing still (the next
+        // hop dark, and this one held back by it) shows too. The next hop
+        // sees a foot only once it is whole here: without this, a slow
+        // first hop, or a slow second one behind a fast first, would look
+        // stalled.
+        let (arrived, there, unheard) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+        let (arrived, there, unheard) = (&arrived, &there, &unheard);
+        let up_writer = Mutex::new(FrameWriter::new(ends.0, up_sealer));
+        let up_writer = &up_writer;
+        let (stop_ticks, ticks) = crossbeam_channel::bounded::<()>(0);
         let outcome = std::thread::scope(|s| {
+            s.spawn(move || tell_progress(&ticks, [arrived, there], up_writer));
             let back = s.spawn(move || {
-                let reader = FrameReader::new(Counting::new(ends.1), down_opener, hello.foot_size)
-                    .with_checksums(down_agreed.checksums);
-                let writer = FrameWriter::new(ends.0, up_sealer);
-                let back = answers(reader, writer, broken);
+                let reader =
+                    FrameReader::new(Counting::new(ends.1, unheard), down_opener, hello.foot_size)
+                        .with_checksums(down_agreed.checksums);
+                let back = answers(reader, up_writer, there, broken);
                 end(&back, ends.1, ends.0, broken);
                 back
             });
-            let reader = FrameReader::new(Counting::new(ends.0), up_opener, hello.foot_size)
-                .with_checksums(up_agreed.checksums);
+            let reader =
+                FrameReader::new(Counting::new(ends.0, arrived), up_opener, hello.foot_size)
+                    .with_checksums(up_agreed.checksums);
             let writer =
                 FrameWriter::new(ends.1, down_sealer).with_checksums(down_agreed.checksums);
             let forth = feet_on(reader, writer, counters, broken);
@@ -294,6 +308,7 @@ impl Relay {
             let back = back
                 .join()
                 .unwrap_or_else(|_| Err(io::Error::other("panicked")));
+            drop(stop_ticks);
             (forth, back)
         });
         match outcome {
@@ -659,11 +674,17 @@ fn channel(c: &Config, agreed: &Agreed, tx_side: bool) -> Option<(Sealer, Opener
 struct Counting<'a> {
     stream: &'a TcpStream,
     read: u64,
+    /// The same count, for others to see.
+    shared: &'a AtomicU64,
 }
 
 impl<'a> Counting<'a> {
-    fn new(stream: &'a TcpStream) -> Counting<'a> {
-        Counting { stream, read: 0 }
+    fn new(stream: &'a TcpStream, shared: &'a AtomicU64) -> Counting<'a> {
+        Counting {
+            stream,
+            read: 0,
+            shared,
+        }
     }
 }
 
@@ -672,7 +693,33 @@ impl Read for Counting<'_> {
         let mut s = self.stream;
         let n = s.read(buf)?;
         self.read += n as u64;
+        self.shared.store(self.read, Ordering::Release);
         Ok(n)
+    }
+}
+
+/// How often the relay tells the sender what has arrived, while it does.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Tells the sender, every [`PROGRESS_EVERY`] while they grow, the sum of
+/// `counts` (see `carry`), until `ticks` closes.
+fn tell_progress(
+    ticks: &crossbeam_channel::Receiver<()>,
+    counts: [&AtomicU64; 2],
+    writer: &Mutex<FrameWriter<&TcpStream>>,
+) {
+    let mut told = 0;
+    while let Err(crossbeam_channel::RecvTimeoutError::Timeout) = ticks.recv_timeout(PROGRESS_EVERY)
+    {
+        let now: u64 = counts.iter().map(|c| c.load(Ordering::Acquire)).sum();
+        if now > told {
+            told = now;
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let header = crate::protocol::Header::control(Kind::Progress, now);
+            if w.send(&header, &[]).is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -739,14 +786,21 @@ fn feet_on(
 /// The next hop's answers, back to the sender. Ok at the hop's clean end.
 fn answers(
     mut reader: FrameReader<Counting<'_>>,
-    mut writer: FrameWriter<&TcpStream>,
+    writer: &Mutex<FrameWriter<&TcpStream>>,
+    there: &AtomicU64,
     broken: &AtomicBool,
 ) -> io::Result<()> {
     while let Some(h) = next_header(&mut reader, broken)? {
         match h.kind {
-            Kind::Ack | Kind::Window | Kind::Done | Kind::Abort | Kind::Progress => {
+            Kind::Ack | Kind::Window | Kind::Done | Kind::Abort => {
                 let payload = reader.small_payload(&h)?;
-                writer.send(&h, &payload)?;
+                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                w.send(&h, &payload)?;
+            }
+            // Told to the sender in the relay's own (see `carry`).
+            Kind::Progress => {
+                reader.small_payload(&h)?;
+                there.fetch_max(h.id, Ordering::AcqRel);
             }
             other => {
                 return Err(io::Error::new(
