@@ -19,7 +19,7 @@ use std::time::Duration;
 
 /// The one-line hint printed after a usage error.
 pub const USAGE_HINT: &str =
-    "usage: viamillipede rx [ADDR:]PORT | tx HOST PORT [tx HOST PORT ...] [threads N] [verbose N] | ssh HOST [OPTIONS] -- COMMAND (see --help)";
+    "usage: viamillipede rx [ADDR:]PORT | tx HOST PORT [tx HOST PORT ...] [threads N] [verbose N] | ssh HOST [OPTIONS] -- COMMAND | relay PORT tx HOST PORT | ctl PATH COMMAND (see --help)";
 
 /// The forms of the command line, for `--help` and the man page.
 const USAGE: &str = "\
@@ -28,6 +28,8 @@ viamillipede rx [ADDR:]PORT [OPTIONS] > OUTPUT
        viamillipede ssh [--pull] HOST [OPTIONS] -- COMMAND...
        viamillipede tx --listen [ADDR:]PORT [OPTIONS] < INPUT
        viamillipede rx --connect HOST:PORT [OPTIONS] > OUTPUT
+       viamillipede relay PORT [OPTIONS] tx HOST PORT... [OPTIONS] (see relay --help)
+       viamillipede ctl PATH COMMAND (see ctl --help)
        viamillipede --genkey FILE | --completions SHELL";
 
 const ABOUT: &str = "A fast, resilient pipe over many TCP connections.";
