@@ -68,14 +68,17 @@ pub fn handle(hub: &Arc<Hub>, mut stream: TcpStream, peer: SocketAddr, pass: net
     let (key, conn) = state.register(peer.to_string());
     let out = Arc::clone(&conn);
     let writer = FrameWriter::new(writer, sealer);
-    if let Err(e) = std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name(format!("rx-out-{peer}"))
-        .spawn(move || out.outbox.run(writer))
-    {
-        log::warn!("{peer}: no thread for the connection: {e}");
-        state.unregister(key);
-        return;
-    }
+        .spawn(move || out.outbox.run(writer));
+    let out_thread = match spawned {
+        Ok(t) => t,
+        Err(e) => {
+            log::warn!("{peer}: no thread for the connection: {e}");
+            state.unregister(key);
+            return;
+        }
+    };
     conn.link.set_state(LinkState::Receiving);
     let _ = events.send(Event::Opened);
     log::info!("{peer}: connected");
@@ -141,6 +144,13 @@ pub fn handle(hub: &Arc<Hub>, mut stream: TcpStream, peer: SocketAddr, pass: net
                 why: e.to_string(),
             }
         });
+    }
+    // What was posted last (the stream's DONE or ABORT) goes out before
+    // the socket closes.
+    let _ = out_thread.join();
+    let violated = matches!(&result, Err(e) if e.kind() == io::ErrorKind::InvalidData);
+    if !violated && state.progress() != Progress::Running {
+        linger(&stream);
     }
     let _ = stream.shutdown(Shutdown::Both);
     conn.link.set_state(LinkState::Closed);
@@ -347,6 +357,25 @@ impl Read for Metered<'_> {
         self.outbox.progress(self.total, Instant::now());
         Ok(n)
     }
+}
+
+/// How long a connection of an ended stream is read (and what comes
+/// discarded) before it is closed.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Closes the sending half and reads the sender's feet still on the way
+/// until it closes too, at most [`LINGER`]: closing a socket with unread
+/// bytes sends a reset, which can destroy the DONE or ABORT just written
+/// before the sender reads it, leaving it to retry until it gives up.
+fn linger(stream: &TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let mut input = net::Deadline {
+        stream,
+        until: deadline,
+    };
+    let mut sink = [0u8; 16 << 10];
+    while matches!(input.read(&mut sink), Ok(n) if n > 0) {}
 }
 
 fn violation(msg: String) -> io::Error {
