@@ -90,7 +90,7 @@ fn a_wrong_key_upstream_is_refused_before_anything_is_dialed() {
         key_file("relay-bad.key", 22),
     );
     let good = good.to_str().unwrap();
-    let (mut r, port) = rx(&["--key-file", good]);
+    let (mut r, port) = rx(&["--key-file", good, "verbose", "1"]);
     let (mut hop, hop_port) = relay(&["--key-file", good], &[port], &["--key-file", good]);
     let p = hop_port.to_string();
     let mut t = tx(
