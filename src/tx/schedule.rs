@@ -526,11 +526,6 @@ impl Schedule {
         !s.enabled && s.connected && s.inflight.is_empty()
     }
 
-    /// The workers [`Schedule::retired`] would let go now.
-    pub fn retired_slots(&self) -> Vec<usize> {
-        (0..self.slots.len()).filter(|&w| self.retired(w)).collect()
-    }
-
     /// Connections in use per rank (all of them without `threads auto`).
     pub fn counts(&self) -> Vec<usize> {
         (0..self.ranks)
@@ -996,6 +991,11 @@ impl Schedule {
         } else {
             self.wake(w);
         }
+        if self.retired(w) {
+            // Drained (or no longer counted), its last piece back: it closes
+            // now, not when it next has room, which it never will.
+            self.wake(w);
+        }
         self.settle(now);
     }
 
@@ -1020,13 +1020,25 @@ impl Schedule {
         self.queue = self.queue.split_off(&delivered);
         self.copied = self.copied.split_off(&delivered);
         let mut freed = false;
-        for slot in &mut self.slots {
+        let mut retired = Vec::new();
+        for (w, slot) in self.slots.iter_mut().enumerate() {
             let before = slot.inflight.len();
             let (keep, gone): (Vec<Sent>, Vec<Sent>) =
                 slot.inflight.iter().partition(|p| p.id >= delivered);
             slot.inflight = keep;
             self.rank_inflight[slot.rank] -= gone.iter().map(|p| p.len as u64).sum::<u64>();
             freed |= slot.inflight.len() < before;
+            if slot.inflight.len() < before
+                && !slot.enabled
+                && slot.connected
+                && slot.inflight.is_empty()
+            {
+                retired.push(w);
+            }
+        }
+        // As in `ack`: a retired connection closes as soon as it is idle.
+        for w in retired {
+            self.wake(w);
         }
         self.motion = now;
         self.effects.reader = true;
@@ -1484,7 +1496,8 @@ mod tests {
     fn a_drained_rank_finishes_what_it_carries_takes_nothing_new_then_closes() {
         let t0 = Instant::now();
         let mut s = sched(64, 2, &[0, 1], t0);
-        s.admit(chunk(0, 8 * FOOT), false, t0);
+        // The input has ended: acks wake only the workers with room.
+        s.admit(chunk(0, 8 * FOOT), true, t0);
         let a = send(&mut s, 0, t0).id;
         s.set_limit(0, Some(0), t0);
         assert!(!s.is_enabled(0) && !s.retired(0), "its piece is still out");
@@ -1495,10 +1508,15 @@ mod tests {
         // The other rank takes the input without waiting for the drained one.
         let b = send(&mut s, 1, t0).id;
         assert_ne!(a, b);
+        s.take_effects();
         s.ack(0, a, t0 + Duration::from_millis(10));
         assert!(
             s.retired(0),
             "its last piece is back: its connection closes"
+        );
+        assert!(
+            s.take_effects().wake.contains(&0),
+            "its worker is woken to close it"
         );
         s.disconnected(0, t0 + Duration::from_millis(10));
         s.set_limit(0, None, t0 + Duration::from_millis(20));

@@ -157,11 +157,6 @@ impl Window {
         for w in wake {
             self.workers[w].notify_all();
         }
-        // A connection drained (or no longer counted) closes as soon as
-        // its last piece is acknowledged, not when it next has room.
-        for w in s.schedule.retired_slots() {
-            self.workers[w].notify_all();
-        }
         if reader {
             self.room.notify_all();
         }
