@@ -268,3 +268,71 @@ fn relay_command_line_mistakes_are_clear() {
         p.expect_stderr(needle);
     }
 }
+
+#[test]
+fn a_relay_refuses_replayed_garbage_and_tampered_bytes_and_the_stream_goes_on() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    // A hello with a nonce (44 + 32 bytes) and the sender's proof (32).
+    const HANDSHAKE_FROM_TX: usize = 44 + 32 + 32;
+    let key = key_file("relay-lies.key", 31);
+    let k = key.to_str().unwrap();
+    let (mut r, port) = rx(&["--key-file", k, "verbose", "1"]);
+    let (hop, hop_port) = relay(
+        &["--key-file", k, "verbose", "1"],
+        &[port],
+        &["--key-file", k],
+    );
+    // The sender's first connection is recorded, and a bit of its first
+    // foot flipped on the way to the relay.
+    let proxy = FaultProxy::with(hop_port, |n| Fault {
+        flip_at: (n == 0).then_some(HANDSHAKE_FROM_TX as u64 + 16 + 1000),
+        ..Fault::default()
+    });
+    let p = proxy.port.to_string();
+    let input = data(6 * FOOT, 117);
+    let (mut t, feed) = tx_fed(&["tx", "127.0.0.1", &p, "threads", "1", "--key-file", k]);
+    feed.send(input[..FOOT].to_vec()).unwrap();
+    hop.wait_line("relayed to", DEADLINE);
+    let recorded = proxy.recorded();
+    assert!(recorded.len() >= HANDSHAKE_FROM_TX, "{}", recorded.len());
+
+    // The recorded handshake, replayed: the relay's fresh nonce fails it.
+    let mut replay = TcpStream::connect(("127.0.0.1", hop_port)).unwrap();
+    replay.set_read_timeout(Some(DEADLINE)).unwrap();
+    replay.write_all(&recorded[..HANDSHAKE_FROM_TX]).unwrap();
+    let mut answer = Vec::new();
+    let _ = replay.read_to_end(&mut answer);
+    assert!(
+        String::from_utf8_lossy(&answer).contains("authentication failed"),
+        "replay not refused: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Garbage, a truncated hello, and one that drips and stops.
+    for bytes in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &recorded[..20],
+        &recorded[..1],
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", hop_port)).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s.write_all(bytes).unwrap();
+        if bytes.len() > 1 {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+
+    feed.send(input[FOOT..].to_vec()).unwrap();
+    drop(feed);
+    expect_delivered(&mut t, &mut r, &input, "after lies to the relay");
+    assert_eq!(proxy.flips.load(Ordering::SeqCst), 1);
+    // The tampered foot broke its hop and was sent again; the receiver
+    // saw only the relay's connections of the real sender.
+    hop.expect_stderr("connection dropped");
+    assert!(
+        !r.stderr().contains("authentication failed"),
+        "{}",
+        r.stderr()
+    );
+}
